@@ -1,0 +1,544 @@
+"""The batching loop, in one place: a keyset cursor and a small per-batch step (after Shopify's job-iteration).
+
+A run walks the ``(key, experiment_id)`` primary key of ``experiment_tags`` from the first experiment that
+needs the tag, ``batch_size`` sourceType rows at a time. Each batch is one short transaction that inserts
+the missing isGateway rows of its id range, records them in the ledger and moves the run's cursor, so a run
+killed at any point leaves no partial batch and the next run resumes at the cursor. When the walk reaches
+the end, one read-only query looks for anything still missing (rows that appeared below the cursor
+meanwhile) and, if it finds some, walks again from there.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
+
+from backfill import sql
+from backfill.db import (
+    BackfillError,
+    ExitCode,
+    Timeouts,
+    connect,
+    describe,
+    has_project_tables,
+    pg_transaction_settings,
+    require_mlflow,
+)
+from backfill.schema import ledger, metadata, runs
+
+# Measured with `make bench` (see README): larger batches stop paying off well before 5000 rows.
+DEFAULT_BATCH_SIZE = 2000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a run paces itself. Every field has a CLI option of the same name."""
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    min_batch_size: int = 50
+    max_batch_size: int = 20_000
+    target_batch_seconds: float = 0.2
+    sleep: float = 0.0
+    max_rows_per_second: float | None = None
+    retries: int = 5
+    max_passes: int = 3
+    adaptive: bool = True
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass
+class Status:
+    """What `status` reports. ``conflicts``: isGateway rows whose value is not exactly ``true``."""
+
+    gateway: int
+    deleted: int
+    tagged: int
+    missing: int
+    conflicts: int
+    inserted_by_backfill: int
+    last_run: dict[str, Any] | None
+
+
+@dataclass
+class Report:
+    """What `run` reports (and prints with --json)."""
+
+    run_id: int | None
+    state: str
+    dry_run: bool
+    resumed: bool
+    inserted: int
+    would_insert: int | None
+    batches: int
+    passes: int
+    seconds: float
+    batch_seconds: list[float] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        times = data.pop("batch_seconds")
+        data["batch_seconds_p50"] = round(statistics.median(times), 4) if times else None
+        data["batch_seconds_p99"] = round(_percentile(times, 0.99), 4) if times else None
+        data["batch_seconds_max"] = round(max(times), 4) if times else None
+        data["seconds"] = round(self.seconds, 3)
+        return data
+
+
+class Progress(Protocol):
+    def start(self, total: int) -> None: ...
+    def advance(self, scanned: int, inserted: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total: int) -> None: ...
+    def advance(self, scanned: int, inserted: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _binds(**extra: Any) -> dict[str, Any]:
+    return {**sql.CONSTANTS, **extra}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors a smaller, later batch may get past: lock and statement timeouts, deadlocks, lost connections."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        # lock_not_available, query_canceled, deadlock, serialization failure, connection exceptions
+        return sqlstate in {"55P03", "57014", "40P01", "40001"} or sqlstate.startswith("08")
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        # lock wait timeout, deadlock, MySQL / MariaDB statement timeouts, server gone, connection lost
+        return args[0] in {1205, 1213, 3024, 1969, 2003, 2006, 2013}
+    text = str(orig).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+class Backfill:
+    """One database, one set of settings: `run`, `status`, `revert`."""
+
+    def __init__(self, engine: Engine, settings: Settings = Settings()) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.dialect = engine.dialect.name
+        self.sql = sql.for_dialect(self.dialect)
+
+    # ---------------------------------------------------------------- read-only
+
+    def status(self) -> Status:
+        with self._open() as conn:
+            return self._status(conn)
+
+    def _status(self, conn: Connection) -> Status:
+        row = conn.execute(sa.text(self.sql.status), _binds()).one()
+        gateway, deleted, tagged, missing = (int(v or 0) for v in row)
+        inserted = 0
+        last_run = None
+        if has_project_tables(conn):
+            inserted = conn.execute(sa.select(sa.func.count()).select_from(ledger)).scalar_one()
+            last = conn.execute(sa.select(runs).order_by(runs.c.id.desc()).limit(1)).mappings().first()
+            last_run = dict(last) if last else None
+        conn.rollback()
+        return Status(gateway, deleted, tagged, missing, gateway - tagged - missing, inserted, last_run)
+
+    # ---------------------------------------------------------------- run
+
+    def run(
+        self,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Report:
+        """Insert every missing isGateway row. Raises BackfillError(STOPPED) when it stops early."""
+        started = time.monotonic()
+        if dry_run:
+            status = self.status()
+            return Report(None, "dry-run", True, False, 0, status.missing, 0, 0, time.monotonic() - started)
+        with self._open() as conn:
+            self._ensure_tables(conn)
+            with self._single_runner(conn):
+                return _Walk(self, conn, progress or _NoProgress(), should_stop, started).run()
+
+    # ---------------------------------------------------------------- revert
+
+    def revert(self) -> int:
+        """Remove exactly the rows the ledger says this project inserted; returns how many."""
+        with self._open() as conn:
+            if not has_project_tables(conn):
+                conn.rollback()
+                return 0
+            conn.rollback()
+            removed = 0
+            with self._single_runner(conn):
+                lo = -1
+                while True:
+                    with conn.begin():
+                        self._per_transaction(conn)
+                        hi = conn.execute(
+                            sa.text(self.sql.revert_bound), {"lo": lo, "n": self.settings.batch_size}
+                        ).scalar()
+                        if hi is None:
+                            break
+                        for i, statement in enumerate(self.sql.revert):
+                            result = conn.execute(sa.text(statement), _binds(lo=lo, hi=hi))
+                            removed += result.rowcount if i == 0 else 0
+                    lo = int(hi)
+                with conn.begin():
+                    conn.execute(
+                        runs.update()
+                        .where(runs.c.state != "reverted")
+                        .values(state="reverted", updated_at_ns=_now_ns())
+                    )
+            return removed
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _open(self) -> _Session:
+        return _Session(self.engine)
+
+    def _ensure_tables(self, conn: Connection) -> None:
+        exists = has_project_tables(conn)
+        conn.rollback()
+        if not exists:
+            with conn.begin():
+                metadata.create_all(conn, checkfirst=True)
+
+    def _per_transaction(self, conn: Connection) -> None:
+        if self.sql.per_transaction:
+            conn.execute(sa.text(self.sql.per_transaction), pg_transaction_settings(self.settings.timeouts))
+
+    def _single_runner(self, conn: Connection) -> _RunnerLock:
+        return _RunnerLock(self, conn)
+
+
+class _Session:
+    """A connection to an MLflow database, with errors turned into one line and the schema checked."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.conn: Connection | None = None
+
+    def __enter__(self) -> Connection:
+        self.conn = connect(self.engine)
+        try:
+            require_mlflow(self.conn)
+            self.conn.rollback()
+        except BaseException:
+            self.conn.close()
+            raise
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        assert self.conn is not None
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001 - the connection may already be gone; the real error follows
+            pass
+        if exc is not None and not isinstance(exc, BackfillError) and isinstance(exc, sa.exc.SQLAlchemyError):
+            raise describe(exc, self.engine.url) from None
+
+
+class _RunnerLock:
+    """One runner per database: a session lock on PostgreSQL / MySQL, a lease in the runs table on SQLite.
+
+    Session locks vanish with the session, so a dead runner never blocks the next one. On SQLite the lease
+    is the ``running`` row's pid and host: a row whose process is gone is taken over.
+    """
+
+    def __init__(self, job: Backfill, conn: Connection) -> None:
+        self.job = job
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def acquire(self) -> None:
+        statement = self.job.sql.lock
+        if statement is None:
+            return  # SQLite: checked when the run row is claimed (see _Walk._claim)
+        got = self.conn.execute(sa.text(statement)).scalar()
+        self.conn.commit()
+        if not got:
+            raise BackfillError(
+                "another mlflow-gateway-backfill run or revert is in progress on this database; "
+                "wait for it to finish (see `status`)",
+                ExitCode.LOCKED,
+            )
+
+    def __exit__(self, *_: object) -> None:
+        if self.job.sql.unlock is None or self.conn.invalidated:
+            return
+        try:
+            self.conn.rollback()
+            self.conn.execute(sa.text(self.job.sql.unlock))
+            self.conn.commit()
+        except Exception:  # noqa: BLE001 - a lost session has released its lock already
+            pass
+
+
+class _Walk:
+    """The state of one run while it walks the keyset."""
+
+    def __init__(
+        self, job: Backfill, conn: Connection, progress: Progress, should_stop: Callable[[], bool], started: float
+    ) -> None:
+        self.job = job
+        self.s = job.settings
+        self.sql = job.sql
+        self.conn = conn
+        self.progress = progress
+        self.should_stop = should_stop
+        self.started = started
+        self.size = self.s.batch_size
+        self.batch_seconds: list[float] = []
+        self.lock_lost = False
+
+    def run(self) -> Report:
+        conn = self.conn
+        run_id, cursor, resumed = self._claim()
+        self.run_id = run_id
+        row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).mappings().one()
+        inserted, batches, passes = row["inserted"], row["batches"], row["passes"]
+        conn.rollback()
+        new_inserted = 0
+        try:
+            if cursor is None:
+                cursor = self._next_pass_start()
+                passes += cursor is not None
+            if cursor is not None:
+                self.progress.start(self._remaining(cursor))
+            while cursor is not None:
+                if self.should_stop():
+                    raise BackfillError("stopped on request", ExitCode.STOPPED)
+                t0 = time.monotonic()
+                step = self._step_with_retries(cursor, passes)
+                if step is None:  # end of this pass: anything left, or appeared below the cursor?
+                    cursor = self._next_pass_start()
+                    if cursor is None:
+                        break
+                    passes += 1
+                    if passes > self.s.max_passes:
+                        raise BackfillError(
+                            f"gateway experiments are still appearing without isGateway after {self.s.max_passes} "
+                            "passes (a writer older than MLflow 3.10.1 is probably still running)",
+                            ExitCode.STOPPED,
+                        )
+                    self.progress.start(self._remaining(cursor))
+                    continue
+                hi, scanned, added, elapsed = step
+                cursor = hi
+                inserted += added
+                new_inserted += added
+                batches += 1
+                self.batch_seconds.append(elapsed)
+                self.progress.advance(scanned, added)
+                self._adapt(elapsed, scanned)
+                self._throttle(time.monotonic() - t0, scanned)
+            self._finish("done", None)
+        except BaseException as exc:  # noqa: BLE001 - record the stop (even on Ctrl-C), then re-raise
+            error = describe(exc, self.job.engine.url) if isinstance(exc, sa.exc.SQLAlchemyError) else exc
+            message = str(error)[:500] if isinstance(error, Exception) else "killed"
+            self._finish("stopped", message)
+            if isinstance(error, BackfillError) and error.code in (ExitCode.STOPPED, ExitCode.LOCKED):
+                raise BackfillError(
+                    f"{error}; nothing is half-written: {new_inserted} rows inserted this time, "
+                    f"`run` again to resume from experiment id {cursor} (run {run_id})",
+                    error.code,
+                ) from None
+            raise error from None
+        finally:
+            self.progress.close()
+        return Report(
+            run_id,
+            "done",
+            False,
+            resumed,
+            new_inserted,
+            None,
+            batches,
+            passes,
+            time.monotonic() - self.started,
+            self.batch_seconds,
+        )
+
+    # -- the run row
+
+    def _claim(self) -> tuple[int, int | None, bool]:
+        """Resume the latest unfinished run, or start one. Returns (run id, cursor, resumed)."""
+        conn = self.conn
+        host, pid, now = socket.gethostname(), os.getpid(), _now_ns()
+        with conn.execution_options(sqlite_begin="IMMEDIATE").begin():
+            last = (
+                conn.execute(
+                    sa.select(runs).where(runs.c.state.in_(("running", "stopped"))).order_by(runs.c.id.desc()).limit(1)
+                )
+                .mappings()
+                .first()
+            )
+            if last is not None and last["state"] == "running" and self.sql.lock is None and _alive(last):
+                raise BackfillError(
+                    f"run {last['id']} (pid {last['pid']} on {last['host']}) is in progress on this database",
+                    ExitCode.LOCKED,
+                )
+            if last is not None:
+                conn.execute(
+                    runs.update()
+                    .where(runs.c.id == last["id"])
+                    .values(state="running", host=host, pid=pid, updated_at_ns=now, message=None)
+                )
+                return int(last["id"]), last["last_id"], True
+            result = conn.execute(
+                runs.insert().values(
+                    state="running",
+                    started_at_ns=now,
+                    updated_at_ns=now,
+                    last_id=None,
+                    passes=0,
+                    batches=0,
+                    inserted=0,
+                    host=host,
+                    pid=pid,
+                )
+            )
+            return int(result.inserted_primary_key[0]), None, False
+
+    def _finish(self, state: str, message: str | None) -> None:
+        try:
+            if self.conn.invalidated or self.conn.in_transaction():
+                self.conn.rollback()
+            with self.conn.begin():
+                values: dict[str, Any] = {"state": state, "updated_at_ns": _now_ns(), "message": message}
+                if state == "done":
+                    values["last_id"] = None
+                self.conn.execute(runs.update().where(runs.c.id == self.run_id).values(**values))
+        except Exception:  # noqa: BLE001 - the database may be gone; the run row then still says `running`,
+            pass  # which the next run treats as resumable all the same.
+
+    # -- queries
+
+    def _next_pass_start(self) -> int | None:
+        """The cursor just below the first experiment that still needs the tag, or None."""
+        first = self.conn.execute(sa.text(self.sql.first_missing), _binds()).scalar()
+        self.conn.rollback()
+        if first is None:
+            return None
+        cursor = int(first) - 1
+        with self.conn.begin():
+            self.conn.execute(
+                runs.update()
+                .where(runs.c.id == self.run_id)
+                .values(last_id=cursor, passes=runs.c.passes + 1, updated_at_ns=_now_ns())
+            )
+        return cursor
+
+    def _remaining(self, cursor: int) -> int:
+        total = int(self.conn.execute(sa.text(self.sql.count_from), _binds(lo=cursor)).scalar_one())
+        self.conn.rollback()
+        return total
+
+    # -- one batch
+
+    def _step_with_retries(self, cursor: int, passes: int) -> tuple[int, int, int, float] | None:
+        retrying = Retrying(
+            stop=stop_after_attempt(self.s.retries + 1),
+            wait=wait_exponential(multiplier=0.1, max=5) + wait_random(0, 0.05),
+            retry=retry_if_exception(is_transient),
+            before_sleep=lambda _state: self._shrink(),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return self._step(cursor)
+        except DBAPIError as exc:
+            if is_transient(exc):
+                raise BackfillError(
+                    f"gave up after {self.s.retries} retries ({describe(exc, self.job.engine.url)})", ExitCode.STOPPED
+                ) from None
+            raise
+        return None  # pragma: no cover - Retrying either returns or raises
+
+    def _shrink(self) -> None:
+        self.size = max(self.s.min_batch_size, self.size // 2)
+        if self.conn.invalidated or self.conn.in_transaction():
+            self.conn.rollback()
+        self.lock_lost = self.lock_lost or self.conn.invalidated
+
+    def _step(self, cursor: int) -> tuple[int, int, int, float] | None:
+        conn = self.conn
+        if self.lock_lost:  # the session (and its lock) died with the connection: take the lock again
+            _RunnerLock(self.job, conn).acquire()
+            self.lock_lost = False
+        t0 = time.monotonic()
+        with conn.execution_options(sqlite_begin="IMMEDIATE").begin():
+            self.job._per_transaction(conn)
+            hi, scanned = conn.execute(sa.text(self.sql.next_bound), _binds(lo=cursor, n=self.size)).one()
+            if hi is None:
+                return None
+            hi = int(hi)
+            binds = _binds(lo=cursor, hi=hi, run=self.run_id, now=_now_ns())
+            added = 0
+            for statement in self.sql.batch:
+                added = conn.execute(sa.text(statement), binds).rowcount
+            conn.execute(
+                runs.update()
+                .where(runs.c.id == self.run_id)
+                .values(
+                    last_id=hi, batches=runs.c.batches + 1, inserted=runs.c.inserted + added, updated_at_ns=_now_ns()
+                )
+            )
+        return hi, int(scanned), max(added, 0), time.monotonic() - t0
+
+    # -- pacing
+
+    def _adapt(self, elapsed: float, scanned: int) -> None:
+        """Aim at the target time per batch: grow by at most 1.5x a step, shrink as far as needed."""
+        if not self.s.adaptive or elapsed <= 0:
+            return
+        ideal = self.size * self.s.target_batch_seconds / elapsed
+        self.size = int(min(self.s.max_batch_size, max(self.s.min_batch_size, min(ideal, self.size * 1.5))))
+
+    def _throttle(self, elapsed: float, scanned: int) -> None:
+        pause = self.s.sleep
+        if self.s.max_rows_per_second:
+            pause = max(pause, scanned / self.s.max_rows_per_second - elapsed)
+        if pause > 0:
+            time.sleep(pause)
+
+
+def _alive(run: Any) -> bool:
+    """Whether the process recorded on a `running` row may still be running it."""
+    if run["host"] != socket.gethostname():
+        # Another machine: trust the heartbeat for ten minutes.
+        return time.time_ns() - int(run["updated_at_ns"]) < 600 * 10**9
+    try:
+        os.kill(int(run["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return int(run["pid"]) != os.getpid()

@@ -1,0 +1,64 @@
+"""Backfill mlflow.experiment.isGateway=true on gateway experiments made by MLflow 3.10.0.
+
+Online, the upgrade creates the project's two tables and runs the same batched job as
+``mlflow-gateway-backfill run`` inside ``autocommit_block()``, so each batch commits on its own and a
+large table is never held in one long transaction. Offline (``--sql``) it renders one idempotent
+statement set for the URL's dialect, without reading the database.
+
+The downgrade removes exactly the rows recorded in the ledger, then drops the project's tables.
+MLflow's own tables keep their structure either way.
+
+Revision ID: gateway_backfill_0001
+Revises:
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import sqlalchemy as sa
+from alembic import context, op
+
+from backfill import sql
+from backfill.db import require_mlflow
+from backfill.job import Backfill
+from backfill.schema import ledger, ledger_columns, runs, runs_columns
+
+revision = "gateway_backfill_0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def _execute_all(statements: tuple[str, ...], **binds: object) -> None:
+    """Emit statements with their parameters rendered as literals (offline mode)."""
+    values = {**sql.CONSTANTS, **binds}
+    for statement in statements:
+        used = set(re.findall(r"(?<!:):(\w+)", statement))
+        op.execute(sa.text(statement).bindparams(**{k: v for k, v in values.items() if k in used}))
+
+
+def upgrade() -> None:
+    if not context.is_offline_mode():
+        require_mlflow(op.get_bind())  # refuse before anything is created
+    op.create_table(runs.name, *runs_columns(), if_not_exists=True)
+    op.create_table(ledger.name, *ledger_columns(), if_not_exists=True)
+    dialect = op.get_context().dialect.name
+    if context.is_offline_mode():
+        # run_id NULL marks rows inserted by the script; the timestamp doubles as the batch identifier.
+        _execute_all(sql.offline_backfill(dialect), run=None, now=time.time_ns())
+        return
+    with op.get_context().autocommit_block():
+        Backfill(op.get_bind().engine).run()
+
+
+def downgrade() -> None:
+    dialect = op.get_context().dialect.name
+    if context.is_offline_mode():
+        _execute_all(sql.offline_revert(dialect))
+    else:
+        with op.get_context().autocommit_block():
+            Backfill(op.get_bind().engine).revert()
+    for table in (ledger, runs):
+        op.drop_table(table.name, if_exists=True)
