@@ -90,7 +90,8 @@ def _batch(dialect: str, bounded: bool) -> tuple[str, ...]:
     if dialect == "postgresql":
         return (
             f"WITH ins AS (INSERT INTO experiment_tags ({k}, value, experiment_id)"
-            f" {_candidates(dialect, ':isgw, :tv, s.experiment_id', bounded)}"
+            # psycopg 3 sends typed parameters: one parameter must not be text here and varchar below.
+            f" {_candidates(dialect, 'CAST(:isgw AS VARCHAR), CAST(:tv AS VARCHAR), s.experiment_id', bounded)}"
             f" ON CONFLICT ({k}, experiment_id) DO NOTHING RETURNING experiment_id)"
             f" {ledger_cols} SELECT experiment_id, :run, :now FROM ins"
             " ON CONFLICT (experiment_id) DO UPDATE"
@@ -140,7 +141,11 @@ def for_dialect(dialect: str) -> DialectSQL:
     k = _q(dialect)
     locks = {
         "postgresql": (f"SELECT pg_try_advisory_lock({PG_LOCK_KEY})", f"SELECT pg_advisory_unlock({PG_LOCK_KEY})"),
-        "mysql": (f"SELECT GET_LOCK('{LOCK_NAME}', 0)", f"SELECT RELEASE_LOCK('{LOCK_NAME}')"),
+        # GET_LOCK names are server-wide: qualify with the database (PostgreSQL's are per database already).
+        "mysql": (
+            f"SELECT GET_LOCK(CONCAT('{LOCK_NAME}.', DATABASE()), 0)",
+            f"SELECT RELEASE_LOCK(CONCAT('{LOCK_NAME}.', DATABASE()))",
+        ),
         "sqlite": (None, None),
     }[dialect]
     return DialectSQL(

@@ -1,0 +1,287 @@
+"""Backends as a pytest parameter: every test that takes ``db`` runs on sqlite, postgresql and mysql.
+
+Which backends: ``MGB_TEST_BACKENDS`` (default ``sqlite,postgresql,mysql``). Servers: one container per
+backend per session (see tests/backends.py), or an existing server given by ``MGB_TEST_POSTGRES_URL`` /
+``MGB_TEST_MYSQL_URL`` (a user that may create databases). A requested backend that cannot be reached
+fails the tests that need it; it is never skipped.
+
+Each test gets a fresh database holding MLflow's schema (copied from a template that real MLflow created
+once per session) and no data besides MLflow's Default experiment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.mlflow_data import mlflow_store
+
+BACKENDS = ("sqlite", "postgresql", "mysql")
+
+
+def selected_backends() -> list[str]:
+    wanted = [b.strip() for b in os.environ.get("MGB_TEST_BACKENDS", ",".join(BACKENDS)).split(",") if b.strip()]
+    unknown = sorted(set(wanted) - set(BACKENDS))
+    if unknown:
+        raise pytest.UsageError(f"MGB_TEST_BACKENDS: unknown backend(s) {unknown}; choose from {BACKENDS}")
+    return wanted
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        backends = selected_backends()
+        only = metafunc.definition.get_closest_marker("backends")
+        if only:
+            backends = [b for b in backends if b in only.args]
+        metafunc.parametrize("backend", backends, ids=backends, scope="session")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "backends(*names): run only on these backends")
+    config.addinivalue_line("markers", "migration_check: the CI migration check (make migration-check)")
+
+
+@dataclass
+class Server:
+    """A place to make databases: a temp dir (SQLite) or a PostgreSQL / MySQL-family server."""
+
+    backend: str
+    tmp: Path
+    admin_url: str | None = None
+    container: Any = None
+    template: str | None = None
+    created: list[str] = field(default_factory=list)
+
+    def _admin(self, statement: str) -> None:
+        engine = sa.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text(statement))
+        finally:
+            engine.dispose()
+
+    def url_for(self, name: str) -> str:
+        if self.backend == "sqlite":
+            return f"sqlite:///{self.tmp / (name + '.db')}"
+        return sa.make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
+
+    def new_database(self, name: str | None = None) -> str:
+        """An empty database; returns its URL."""
+        name = name or f"t_{uuid.uuid4().hex[:12]}"
+        if self.backend == "postgresql":
+            self._admin(f'CREATE DATABASE "{name}"')
+        elif self.backend == "mysql":
+            self._admin(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        else:
+            sa.create_engine(self.url_for(name)).connect().close()
+        self.created.append(name)
+        return self.url_for(name)
+
+    def new_mlflow_database(self) -> str:
+        """A fresh database with MLflow's schema, copied from the session's template."""
+        if self.template is None:
+            self.template = f"tmpl_{uuid.uuid4().hex[:8]}"
+            mlflow_store(self.new_database(self.template)).engine.dispose()
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        if self.backend == "sqlite":
+            shutil.copyfile(self.tmp / f"{self.template}.db", self.tmp / f"{name}.db")
+        elif self.backend == "postgresql":
+            self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        else:
+            self._copy_mysql(self.template, name)
+        self.created.append(name)
+        return self.url_for(name)
+
+    def _copy_mysql(self, source: str, target: str) -> None:
+        # MySQL has no template databases: replay SHOW CREATE TABLE (keeps foreign keys) and copy the rows.
+        engine = sa.create_engine(self.url_for(source))
+        with engine.connect() as conn:
+            tables = [r[0] for r in conn.execute(sa.text("SHOW FULL TABLES WHERE Table_type = 'BASE TABLE'"))]
+            ddl = [conn.execute(sa.text(f"SHOW CREATE TABLE `{t}`")).one()[1] for t in tables]
+            filled = [t for t in tables if conn.execute(sa.text(f"SELECT 1 FROM `{t}` LIMIT 1")).first()]
+        engine.dispose()
+        self._admin(f"CREATE DATABASE `{target}` CHARACTER SET utf8mb4")
+        engine = sa.create_engine(self.url_for(target))
+        with engine.begin() as conn:
+            conn.execute(sa.text("SET FOREIGN_KEY_CHECKS = 0"))
+            for statement in ddl:
+                conn.execute(sa.text(statement.replace(":", r"\:")))
+            for t in filled:
+                conn.execute(sa.text(f"INSERT INTO `{t}` SELECT * FROM `{source}`.`{t}`"))
+        engine.dispose()
+
+    def run_sql_script(self, url: str, script: str) -> None:
+        """Apply a SQL script with the database's own client (psql / mariadb), as a DBA would."""
+        database = sa.make_url(url).database
+        if self.backend == "sqlite":
+            subprocess.run(
+                ["sqlite3", database], input=script, text=True, check=True, capture_output=True
+            ) if shutil.which("sqlite3") else _sqlite_executescript(database, script)
+        elif self.container is not None:
+            from tests.backends import run_sql_in_container
+
+            run_sql_in_container(self.container, self.backend, database, script)
+        else:
+            _run_local_client(self.backend, url, script)
+
+    def drop_all(self) -> None:
+        for name in self.created:
+            if self.backend == "postgresql":
+                self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            elif self.backend == "mysql":
+                self._admin(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+def _sqlite_executescript(path: str, script: str) -> None:
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        conn.executescript(script)
+
+
+def _run_local_client(backend: str, url: str, script: str) -> None:
+    u = sa.make_url(url)
+    env = dict(os.environ)
+    if backend == "postgresql":
+        env["PGPASSWORD"] = u.password or ""
+        cmd = [
+            "psql",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-h",
+            u.host or "localhost",
+            "-p",
+            str(u.port or 5432),
+            "-U",
+            u.username or "",
+            "-d",
+            u.database or "",
+        ]
+    else:
+        env["MYSQL_PWD"] = u.password or ""
+        cmd = [
+            shutil.which("mariadb") or "mysql",
+            "-h",
+            u.host or "127.0.0.1",
+            "-P",
+            str(u.port or 3306),
+            "-u",
+            u.username or "",
+            u.database or "",
+        ]
+    subprocess.run(cmd, input=script, text=True, check=True, capture_output=True, env=env)
+
+
+def _start_server(backend: str, tmp: Path) -> Server:
+    if backend == "sqlite":
+        return Server(backend, tmp)
+    env_url = os.environ.get(f"MGB_TEST_{backend.upper()}_URL")
+    if env_url:
+        from backfill.db import parse_url
+
+        return Server(backend, tmp, admin_url=parse_url(env_url).render_as_string(hide_password=False))
+    from tests import backends
+
+    container = backends.start_postgres() if backend == "postgresql" else backends.start_mysql()
+    url = sa.make_url(container.get_connection_url())
+    if backend == "postgresql":
+        url = url.set(drivername="postgresql+psycopg", database="postgres")
+    return Server(backend, tmp, admin_url=url.render_as_string(hide_password=False), container=container)
+
+
+_servers: dict[str, Server] = {}
+_failed: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """The session's server for ``backend``; a backend that cannot start fails every test that needs it."""
+    if backend in _failed:
+        pytest.fail(_failed[backend], pytrace=False)
+    if backend not in _servers:
+        try:
+            _servers[backend] = _start_server(backend, tmp_path_factory.mktemp(backend))
+        except Exception as exc:  # noqa: BLE001 - reported as a failure, never a skip
+            _failed[backend] = f"backend {backend!r} requested but unavailable: {exc}"
+            pytest.fail(_failed[backend], pytrace=False)
+    return _servers[backend]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for srv in _servers.values():
+        try:
+            srv.drop_all()
+        finally:
+            if srv.container is not None:
+                srv.container.stop()
+
+
+@dataclass
+class Db:
+    """A fresh MLflow database on one backend, and ways to look at it."""
+
+    backend: str
+    url: str
+    server: Server
+    engine: sa.Engine
+
+    def tags(self) -> set[tuple[int, str, str | None]]:
+        tags = sa.Table("experiment_tags", sa.MetaData(), autoload_with=self.engine)
+        with self.engine.connect() as conn:
+            query = sa.select(tags.c.experiment_id, tags.c.key, tags.c.value)
+            return {(int(e), k, v) for e, k, v in conn.execute(query)}
+
+    def table(self, name: str) -> list[tuple]:
+        with self.engine.connect() as conn:
+            return sorted(tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {name}")))
+
+    def table_names(self) -> set[str]:
+        return set(sa.inspect(self.engine).get_table_names())
+
+    def add_experiments(self, rows: list[tuple[int, str, list[tuple[str, str | None]]]]) -> None:
+        """Insert (experiment_id, lifecycle_stage, [(key, value), ...]) rows directly, like MLflow stores them."""
+        meta = sa.MetaData()
+        experiments = sa.Table("experiments", meta, autoload_with=self.engine)
+        tags = sa.Table("experiment_tags", meta, autoload_with=self.engine)
+        with self.engine.begin() as conn:
+            if rows:
+                conn.execute(
+                    experiments.insert(),
+                    [
+                        {
+                            "experiment_id": e,
+                            "name": f"exp-{e}",
+                            "artifact_location": f"/tmp/{e}",
+                            "lifecycle_stage": stage,
+                            "creation_time": 0,
+                            "last_update_time": 0,
+                        }
+                        for e, stage, _ in rows
+                    ],
+                )
+            values = [{"experiment_id": e, "key": k, "value": v} for e, _, kv in rows for k, v in kv]
+            if values:
+                conn.execute(tags.insert(), values)
+
+    def set_tag(self, experiment_id: int, key: str, value: str | None) -> None:
+        tags = sa.Table("experiment_tags", sa.MetaData(), autoload_with=self.engine)
+        with self.engine.begin() as conn:
+            conn.execute(tags.insert().values(experiment_id=experiment_id, key=key, value=value))
+
+
+@pytest.fixture
+def db(server: Server) -> Iterator[Db]:
+    url = server.new_mlflow_database()
+    engine = sa.create_engine(url)
+    yield Db(server.backend, url, server, engine)
+    engine.dispose()
