@@ -113,6 +113,8 @@ class Server:
         engine = sa.create_engine(self.url_for(target))
         with engine.begin() as conn:
             conn.execute(sa.text("SET FOREIGN_KEY_CHECKS = 0"))
+            # MLflow's Default experiment has id 0, which AUTO_INCREMENT would otherwise renumber.
+            conn.execute(sa.text("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_AUTO_VALUE_ON_ZERO')"))
             for statement in ddl:
                 conn.execute(sa.text(statement.replace(":", r"\:")))
             for t in filled:
@@ -285,3 +287,32 @@ def db(server: Server) -> Iterator[Db]:
     engine = sa.create_engine(url)
     yield Db(server.backend, url, server, engine)
     engine.dispose()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def alembic(url: str | None, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``alembic`` command line of this project, as a user would."""
+    import sys
+
+    command = [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini")]
+    if url:
+        command += ["-x", f"database-url={url}"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+
+
+def snapshot(url: str, skip: tuple[str, ...] = ()) -> dict[str, list[tuple]]:
+    """Every row of every table (sorted), for before/after comparisons."""
+    engine = sa.create_engine(url)
+    meta = sa.MetaData()
+    meta.reflect(engine)
+    try:
+        with engine.connect() as conn:
+            return {
+                name: sorted((tuple(map(repr, r)) for r in conn.execute(sa.select(table))))
+                for name, table in meta.tables.items()
+                if name not in skip
+            }
+    finally:
+        engine.dispose()
