@@ -187,7 +187,7 @@ def connect(engine: Engine) -> Connection:
     try:
         return engine.connect()
     except SQLAlchemyError as exc:
-        raise describe(exc, engine.url) from None
+        raise describe(exc, engine.url, connecting=True) from None
 
 
 def require_mlflow(conn: Connection) -> None:
@@ -234,7 +234,7 @@ _CONNECT = (
 )
 
 
-def describe(exc: BaseException, url: URL) -> BackfillError:
+def describe(exc: BaseException, url: URL, connecting: bool = False) -> BackfillError:
     """One line for a database error, with the password never shown."""
     if isinstance(exc, BackfillError):
         return exc
@@ -245,6 +245,8 @@ def describe(exc: BaseException, url: URL) -> BackfillError:
         text = text.replace(str(password), "***")
     lowered = text.lower()
     where = display(url)
+    if connecting:
+        return BackfillError(f"cannot connect to {where}: {text[:300]}", ExitCode.CONNECT)
     if any(p in lowered for p in _PERMISSION):
         return BackfillError(f"permission denied on {where}: {text[:300]}", ExitCode.PERMISSION)
     if isinstance(exc, DBAPIError) and (exc.connection_invalidated or any(p in lowered for p in _CONNECT)):

@@ -12,7 +12,7 @@ import sys
 from alembic import context
 from sqlalchemy.exc import SQLAlchemyError
 
-from backfill.db import BackfillError, create_engine, describe, parse_url, resolve_url
+from backfill.db import BackfillError, create_engine, describe, parse_url, require_mlflow, resolve_url
 from backfill.sql import VERSION_TABLE
 
 config = context.config
@@ -34,6 +34,9 @@ def run_migrations_online() -> None:
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
+            # Before Alembic creates its version table: a non-MLflow database gets nothing written.
+            require_mlflow(connection)
+            connection.rollback()
             context.configure(connection=connection, version_table=VERSION_TABLE)
             with context.begin_transaction():
                 context.run_migrations()

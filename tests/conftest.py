@@ -91,13 +91,23 @@ class Server:
         if self.template is None:
             self.template = f"tmpl_{uuid.uuid4().hex[:8]}"
             mlflow_store(self.new_database(self.template)).engine.dispose()
+        return self.clone(self.template)
+
+    def clone(self, source: str) -> str:
+        """A copy of database ``source`` (a name or URL; nobody may be connected to it); returns its URL."""
+        if "://" in source:
+            source = (
+                Path(sa.make_url(source).database or "").stem
+                if self.backend == "sqlite"
+                else (sa.make_url(source).database or "")
+            )
         name = f"t_{uuid.uuid4().hex[:12]}"
         if self.backend == "sqlite":
-            shutil.copyfile(self.tmp / f"{self.template}.db", self.tmp / f"{name}.db")
+            shutil.copyfile(self.tmp / f"{source}.db", self.tmp / f"{name}.db")
         elif self.backend == "postgresql":
-            self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+            self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
         else:
-            self._copy_mysql(self.template, name)
+            self._copy_mysql(source, name)
         self.created.append(name)
         return self.url_for(name)
 
@@ -310,7 +320,7 @@ def snapshot(url: str, skip: tuple[str, ...] = ()) -> dict[str, list[tuple]]:
     try:
         with engine.connect() as conn:
             return {
-                name: sorted((tuple(map(repr, r)) for r in conn.execute(sa.select(table))))
+                name: sorted(tuple(map(repr, r)) for r in conn.execute(sa.select(table)))
                 for name, table in meta.tables.items()
                 if name not in skip
             }

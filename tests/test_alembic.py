@@ -15,12 +15,14 @@ OURS = (LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE)
 
 
 def gateway_rows(db: Db) -> None:
-    db.add_experiments([
-        (1001, "active", [(SRC, "GATEWAY")]),
-        (1002, "deleted", [(SRC, "GATEWAY")]),
-        (1003, "active", [(SRC, "GATEWAY"), (ISGW, "true")]),
-        (1004, "active", [(SRC, "gateway")]),
-    ])
+    db.add_experiments(
+        [
+            (1001, "active", [(SRC, "GATEWAY")]),
+            (1002, "deleted", [(SRC, "GATEWAY")]),
+            (1003, "active", [(SRC, "GATEWAY"), (ISGW, "true")]),
+            (1004, "active", [(SRC, "gateway")]),
+        ]
+    )
 
 
 def test_single_head() -> None:
@@ -35,7 +37,9 @@ def test_upgrade_rerun_downgrade(db: Db) -> None:
     up = alembic(db.url, "upgrade", "head")
     assert up.returncode == 0, up.stderr
     assert db.tags() - {(e, k, v) for e, k, v in db.tags() if k != ISGW or e in (1003,)} == {
-        (1001, ISGW, "true"), (1002, ISGW, "true")}
+        (1001, ISGW, "true"),
+        (1002, ISGW, "true"),
+    }
     after = snapshot(db.url, skip=OURS)
     assert after["experiments"] == before["experiments"]
     assert after["alembic_version"] == before["alembic_version"]  # MLflow's history untouched
@@ -59,12 +63,14 @@ def test_upgrade_rerun_downgrade(db: Db) -> None:
 def test_offline_sql_script_reaches_the_same_end_state(db: Db) -> None:
     gateway_rows(db)
     online = db.server.new_mlflow_database()
-    Db(db.backend, online, db.server, sa.create_engine(online)).add_experiments([
-        (1001, "active", [(SRC, "GATEWAY")]),
-        (1002, "deleted", [(SRC, "GATEWAY")]),
-        (1003, "active", [(SRC, "GATEWAY"), (ISGW, "true")]),
-        (1004, "active", [(SRC, "gateway")]),
-    ])
+    Db(db.backend, online, db.server, sa.create_engine(online)).add_experiments(
+        [
+            (1001, "active", [(SRC, "GATEWAY")]),
+            (1002, "deleted", [(SRC, "GATEWAY")]),
+            (1003, "active", [(SRC, "GATEWAY"), (ISGW, "true")]),
+            (1004, "active", [(SRC, "gateway")]),
+        ]
+    )
     assert alembic(online, "upgrade", "head").returncode == 0
 
     script = alembic(db.url, "upgrade", "head", "--sql")

@@ -138,8 +138,9 @@ def test_url_resolution_order(gw: Db, tmp_path: Path) -> None:
 
 def test_python_dash_m_and_help_teach() -> None:
     for command in ("run", "status", "verify", "revert"):
-        result = subprocess.run([sys.executable, "-m", "backfill", command, "--help"], capture_output=True,
-                                text=True, cwd=REPO, check=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "backfill", command, "--help"], capture_output=True, text=True, cwd=REPO, check=True
+        )
         assert "Example" in result.stdout
     top = subprocess.run([sys.executable, "-m", "backfill", "--help"], capture_output=True, text=True, check=True)
     assert "Exit codes" in top.stdout
@@ -148,9 +149,23 @@ def test_python_dash_m_and_help_teach() -> None:
 def test_sigterm_stops_after_the_batch_in_flight_and_resumes(gw: Db) -> None:
     gw.add_experiments([(5000 + i, "active", [(SRC, "GATEWAY")]) for i in range(400)])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backfill", "run", "--database-url", gw.url, "--batch-size", "1", "--fixed",
-         "--sleep", "0.05"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "backfill",
+            "run",
+            "--database-url",
+            gw.url,
+            "--batch-size",
+            "1",
+            "--fixed",
+            "--sleep",
+            "0.05",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     import time
 
@@ -158,8 +173,10 @@ def test_sigterm_stops_after_the_batch_in_flight_and_resumes(gw: Db) -> None:
     engine = sa.create_engine(gw.url)
     while time.monotonic() < deadline:  # wait until some batches have committed
         with engine.connect() as conn:
-            if sa.inspect(conn).has_table("gateway_backfill_rows") and conn.execute(
-                sa.text("SELECT COUNT(*) FROM gateway_backfill_rows")).scalar_one() >= 3:
+            if (
+                sa.inspect(conn).has_table("gateway_backfill_rows")
+                and conn.execute(sa.text("SELECT COUNT(*) FROM gateway_backfill_rows")).scalar_one() >= 3
+            ):
                 break
         time.sleep(0.05)
     proc.terminate()
