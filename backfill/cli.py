@@ -46,6 +46,13 @@ def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def timeout_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
+        "--connect-timeout",
+        type=click.FloatRange(min=1),
+        default=Timeouts.connect,
+        show_default=True,
+        help="Seconds to wait for a connection to the database.",
+    )(func)
+    func = click.option(
         "--statement-timeout",
         type=click.FloatRange(min=0.1),
         default=Timeouts.statement,
@@ -218,6 +225,7 @@ def run(
     retries: int,
     lock_timeout: float,
     statement_timeout: float,
+    connect_timeout: float,
     dry_run: bool,
     as_json: bool,
     quiet: bool,
@@ -236,7 +244,7 @@ def run(
     with _errors():
         if min_batch_size > max_batch_size:
             raise BackfillError("--min-batch-size is larger than --max-batch-size", ExitCode.USAGE)
-        timeouts = Timeouts(lock=lock_timeout, statement=statement_timeout)
+        timeouts = Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout)
         job = _engine(database_url, timeouts)
         job.settings = Settings(
             batch_size=min(max(batch_size, min_batch_size), max_batch_size) if not fixed else batch_size,
@@ -323,7 +331,14 @@ def verify(database_url: str | None, as_json: bool) -> None:
 @timeout_options
 @json_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (implied when stdin is not a terminal).")
-def revert(database_url: str | None, lock_timeout: float, statement_timeout: float, as_json: bool, yes: bool) -> None:
+def revert(
+    database_url: str | None,
+    lock_timeout: float,
+    statement_timeout: float,
+    connect_timeout: float,
+    as_json: bool,
+    yes: bool,
+) -> None:
     """Remove exactly the isGateway rows this tool inserted (per its ledger), in batches.
 
     Rows that MLflow or a user wrote are never touched, even identical ones; a row whose value was
@@ -334,7 +349,7 @@ def revert(database_url: str | None, lock_timeout: float, statement_timeout: flo
       mlflow-gateway-backfill revert --database-url sqlite:///mlflow.db --yes
     """
     with _errors():
-        job = _engine(database_url, Timeouts(lock=lock_timeout, statement=statement_timeout))
+        job = _engine(database_url, Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout))
         if not yes and sys.stdin.isatty():
             click.confirm(f"Remove the isGateway tags this tool inserted on {display(job.engine.url)}?", abort=True)
         removed = job.revert()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -119,6 +120,25 @@ def _binds(**extra: Any) -> dict[str, Any]:
     return {**sql.CONSTANTS, **extra}
 
 
+# lock_not_available, query_canceled (statement_timeout), deadlock, serialization failure, admin / crash
+# shutdown, the database system is starting up, too many connections
+_PG_TRANSIENT = {"55P03", "57014", "40P01", "40001", "57P01", "57P02", "57P03", "53300"}
+# lock wait timeout, deadlock, MySQL / MariaDB statement timeouts, connection killed, shutdown in progress,
+# too many connections, cannot connect, server gone away, connection lost
+_MYSQL_TRANSIENT = {1205, 1213, 3024, 1969, 1927, 1053, 1040, 2003, 2006, 2013}
+_TRANSIENT_TEXT = (
+    "database is locked",
+    "database table is locked",
+    "server closed the connection",
+    "connection refused",
+    "could not connect",
+    "timeout expired",
+    "connection timeout",
+    "consuming input failed",
+    "the database system is",
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors a smaller, later batch may get past: lock and statement timeouts, deadlocks, lost connections."""
     if not isinstance(exc, DBAPIError):
@@ -128,14 +148,54 @@ def is_transient(exc: BaseException) -> bool:
     orig = exc.orig
     sqlstate = getattr(orig, "sqlstate", None)
     if sqlstate:
-        # lock_not_available, query_canceled, deadlock, serialization failure, connection exceptions
-        return sqlstate in {"55P03", "57014", "40P01", "40001"} or sqlstate.startswith("08")
+        return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
     args = getattr(orig, "args", ())
     if args and isinstance(args[0], int):
-        # lock wait timeout, deadlock, MySQL / MariaDB statement timeouts, server gone, connection lost
-        return args[0] in {1205, 1213, 3024, 1969, 2003, 2006, 2013}
+        return args[0] in _MYSQL_TRANSIENT
     text = str(orig).lower()
-    return "database is locked" in text or "database table is locked" in text
+    return any(t in text for t in _TRANSIENT_TEXT)
+
+
+class _Watchdog:
+    """A client-side deadline for one batch.
+
+    A frozen server (``docker pause``, a hung host) cannot enforce its own statement timeout, and its
+    kernel keeps acknowledging TCP, so a client would wait forever. Past the deadline the connection's
+    socket is shut down: the blocked call fails at once, the server rolls the transaction back whole,
+    and the batch is retried like any lost connection.
+    """
+
+    def __init__(self, conn: Connection, seconds: float) -> None:
+        self.fd = _socket_fd(conn)
+        self.timer = threading.Timer(seconds, self._fire) if self.fd is not None else None
+
+    def _fire(self) -> None:
+        try:
+            with socket.socket(fileno=os.dup(self.fd)) as sock:  # type: ignore[arg-type]
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def __enter__(self) -> None:
+        if self.timer is not None:
+            self.timer.daemon = True
+            self.timer.start()
+
+    def __exit__(self, *_: object) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def _socket_fd(conn: Connection) -> int | None:
+    """The DBAPI connection's socket (psycopg, PyMySQL); None for SQLite or when there is none yet."""
+    try:
+        raw = conn.connection.dbapi_connection
+    except Exception:  # noqa: BLE001 - an invalidated connection has no socket to watch
+        return None
+    if hasattr(raw, "pgconn"):
+        return int(raw.fileno())
+    sock = getattr(raw, "_sock", None)
+    return sock.fileno() if sock is not None else None
 
 
 class Backfill:
@@ -179,6 +239,7 @@ class Backfill:
             status = self.status()
             return Report(None, "dry-run", True, False, 0, status.missing, 0, 0, time.monotonic() - started)
         with self._open() as conn:
+            self._probe(conn)
             self._ensure_tables(conn)
             with self._single_runner(conn):
                 return _Walk(self, conn, progress or _NoProgress(), should_stop, started).run()
@@ -219,6 +280,13 @@ class Backfill:
 
     def _open(self) -> _Session:
         return _Session(self.engine)
+
+    def _probe(self, conn: Connection) -> None:
+        """Fail before anything is written when the user may not write the rows (rolled back, matches nothing)."""
+        with conn.begin() as transaction:
+            for statement in self.sql.probe:
+                conn.execute(sa.text(statement))
+            transaction.rollback()
 
     def _ensure_tables(self, conn: Connection) -> None:
         exists = has_project_tables(conn)
@@ -465,7 +533,7 @@ class _Walk:
     def _step_with_retries(self, cursor: int, passes: int) -> tuple[int, int, int, float] | None:
         retrying = Retrying(
             stop=stop_after_attempt(self.s.retries + 1),
-            wait=wait_exponential(multiplier=0.1, max=5) + wait_random(0, 0.05),
+            wait=wait_exponential(multiplier=0.25, max=5) + wait_random(0, 0.05),
             retry=retry_if_exception(is_transient),
             before_sleep=lambda _state: self._shrink(),
             reraise=True,
@@ -494,7 +562,8 @@ class _Walk:
             _RunnerLock(self.job, conn).acquire()
             self.lock_lost = False
         t0 = time.monotonic()
-        with conn.execution_options(sqlite_begin="IMMEDIATE").begin():
+        deadline = self.s.timeouts.statement + self.s.timeouts.lock + 5
+        with _Watchdog(conn, deadline), conn.execution_options(sqlite_begin="IMMEDIATE").begin():
             self.job._per_transaction(conn)
             hi, scanned = conn.execute(sa.text(self.sql.next_bound), _binds(lo=cursor, n=self.size)).one()
             if hi is None:

@@ -56,6 +56,7 @@ class DialectSQL:
     status: str
     revert_bound: str
     revert: tuple[str, ...]
+    probe: tuple[str, ...]  # writes nothing; fails at once when the user lacks a privilege `run` needs
     lock: str | None  # session-level single-runner lock (None: SQLite uses the runs table)
     unlock: str | None
     per_transaction: str | None  # run at the start of every batch transaction
@@ -134,6 +135,21 @@ def _status(dialect: str) -> str:
     )
 
 
+def _probe(dialect: str) -> tuple[str, ...]:
+    """Statements of the batch's shape that match no row: privileges are checked, nothing is written."""
+    k = _q(dialect)
+    insert = (
+        f"INSERT INTO experiment_tags ({k}, value, experiment_id) SELECT s.{k}, s.value, s.experiment_id"
+        " FROM experiment_tags s WHERE 1 = 0"
+    )
+    if dialect == "mysql":
+        return (
+            "SELECT experiment_id FROM experiments WHERE 1 = 0 FOR UPDATE",
+            f"{insert} ON DUPLICATE KEY UPDATE experiment_tags.{k} = experiment_tags.{k}",
+        )
+    return (f"{insert} ON CONFLICT ({k}, experiment_id) DO NOTHING",)
+
+
 def for_dialect(dialect: str) -> DialectSQL:
     """The statements for ``dialect`` (a SQLAlchemy dialect name: sqlite, postgresql or mysql)."""
     if dialect not in SUPPORTED:
@@ -170,6 +186,7 @@ def for_dialect(dialect: str) -> DialectSQL:
             " WHERE experiment_id > :lo AND experiment_id <= :hi)",
             f"DELETE FROM {LEDGER_TABLE} WHERE experiment_id > :lo AND experiment_id <= :hi",
         ),
+        probe=_probe(dialect),
         lock=locks[0],
         unlock=locks[1],
         per_transaction=(

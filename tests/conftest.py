@@ -29,7 +29,8 @@ BACKENDS = ("sqlite", "postgresql", "mysql")
 
 
 def selected_backends() -> list[str]:
-    wanted = [b.strip() for b in os.environ.get("MGB_TEST_BACKENDS", ",".join(BACKENDS)).split(",") if b.strip()]
+    raw = os.environ.get("MGB_TEST_BACKENDS") or ",".join(BACKENDS)  # unset or empty: all of them
+    wanted = [b.strip() for b in raw.split(",") if b.strip()]
     unknown = sorted(set(wanted) - set(BACKENDS))
     if unknown:
         raise pytest.UsageError(f"MGB_TEST_BACKENDS: unknown backend(s) {unknown}; choose from {BACKENDS}")
