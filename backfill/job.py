@@ -10,6 +10,7 @@ meanwhile) and, if it finds some, walks again from there.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import statistics
@@ -17,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -36,6 +37,8 @@ from backfill.db import (
     require_mlflow,
 )
 from backfill.schema import ledger, metadata, runs
+
+T = TypeVar("T")
 
 # Measured with `make bench` (see README): larger batches stop paying off well before 5000 rows.
 DEFAULT_BATCH_SIZE = 2000
@@ -146,12 +149,12 @@ def is_transient(exc: BaseException) -> bool:
     if exc.connection_invalidated:
         return True
     orig = exc.orig
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):  # MySQL family: the error number (its SQLSTATE is often HY000)
+        return args[0] in _MYSQL_TRANSIENT
     sqlstate = getattr(orig, "sqlstate", None)
     if sqlstate:
         return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int):
-        return args[0] in _MYSQL_TRANSIENT
     text = str(orig).lower()
     return any(t in text for t in _TRANSIENT_TEXT)
 
@@ -198,6 +201,25 @@ def _socket_fd(conn: Connection) -> int | None:
     return sock.fileno() if sock is not None else None
 
 
+def with_retries(job: Backfill, step: Callable[[], T], before_retry: Callable[[], None]) -> T:
+    """Run ``step``; on a transient error call ``before_retry`` (roll back, shrink the batch), back off
+    exponentially with jitter and try again, ``job.settings.retries`` times at most."""
+    retrying = Retrying(
+        stop=stop_after_attempt(job.settings.retries + 1),
+        wait=wait_exponential(multiplier=0.25, max=5) + wait_random(0, 0.05),
+        retry=retry_if_exception(is_transient),
+        before_sleep=lambda _state: before_retry(),
+        reraise=True,
+    )
+    try:
+        return retrying(step)
+    except DBAPIError as exc:
+        if is_transient(exc):
+            reason = describe(exc, job.engine.url)
+            raise BackfillError(f"gave up after {job.settings.retries} retries ({reason})", ExitCode.STOPPED) from None
+        raise
+
+
 class Backfill:
     """One database, one set of settings: `run`, `status`, `revert`."""
 
@@ -239,8 +261,8 @@ class Backfill:
             status = self.status()
             return Report(None, "dry-run", True, False, 0, status.missing, 0, 0, time.monotonic() - started)
         with self._open() as conn:
-            self._probe(conn)
-            self._ensure_tables(conn)
+            with_retries(self, lambda: self._probe(conn), conn.rollback)
+            with_retries(self, lambda: self._ensure_tables(conn), conn.rollback)
             with self._single_runner(conn):
                 return _Walk(self, conn, progress or _NoProgress(), should_stop, started).run()
 
@@ -387,7 +409,7 @@ class _Walk:
 
     def run(self) -> Report:
         conn = self.conn
-        run_id, cursor, resumed = self._claim()
+        run_id, cursor, resumed = with_retries(self.job, self._claim, self._rollback)
         self.run_id = run_id
         row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).mappings().one()
         inserted, batches, passes = row["inserted"], row["batches"], row["passes"]
@@ -403,7 +425,7 @@ class _Walk:
                 if self.should_stop():
                     raise BackfillError("stopped on request", ExitCode.STOPPED)
                 t0 = time.monotonic()
-                step = self._step_with_retries(cursor, passes)
+                step = with_retries(self.job, lambda c=cursor: self._step(c), self._shrink)
                 if step is None:  # end of this pass: anything left, or appeared below the cursor?
                     cursor = self._next_pass_start()
                     if cursor is None:
@@ -530,28 +552,11 @@ class _Walk:
 
     # -- one batch
 
-    def _step_with_retries(self, cursor: int, passes: int) -> tuple[int, int, int, float] | None:
-        retrying = Retrying(
-            stop=stop_after_attempt(self.s.retries + 1),
-            wait=wait_exponential(multiplier=0.25, max=5) + wait_random(0, 0.05),
-            retry=retry_if_exception(is_transient),
-            before_sleep=lambda _state: self._shrink(),
-            reraise=True,
-        )
-        try:
-            for attempt in retrying:
-                with attempt:
-                    return self._step(cursor)
-        except DBAPIError as exc:
-            if is_transient(exc):
-                raise BackfillError(
-                    f"gave up after {self.s.retries} retries ({describe(exc, self.job.engine.url)})", ExitCode.STOPPED
-                ) from None
-            raise
-        return None  # pragma: no cover - Retrying either returns or raises
-
     def _shrink(self) -> None:
         self.size = max(self.s.min_batch_size, self.size // 2)
+        self._rollback()
+
+    def _rollback(self) -> None:
         if self.conn.invalidated or self.conn.in_transaction():
             self.conn.rollback()
         self.lock_lost = self.lock_lost or self.conn.invalidated
@@ -589,7 +594,8 @@ class _Walk:
         if not self.s.adaptive or elapsed <= 0:
             return
         ideal = self.size * self.s.target_batch_seconds / elapsed
-        self.size = int(min(self.s.max_batch_size, max(self.s.min_batch_size, min(ideal, self.size * 1.5))))
+        grown = math.ceil(min(ideal, self.size * 1.5))
+        self.size = int(min(self.s.max_batch_size, max(self.s.min_batch_size, grown)))
 
     def _throttle(self, elapsed: float, scanned: int) -> None:
         pause = self.s.sleep
