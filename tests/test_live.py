@@ -416,3 +416,40 @@ def test_env_password_never_in_output(db: Db) -> None:
     )
     assert result.returncode == ExitCode.CONNECT
     assert sa.make_url(db.url).password not in result.stdout + result.stderr
+
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_the_documented_privileges_are_enough(db: Db) -> None:
+    """The README's grants for `run` and `revert`, and no more."""
+    gateway(db)
+    name, password = f"w_{uuid.uuid4().hex[:8]}", "pw-" + uuid.uuid4().hex[:8]
+    database = sa.make_url(db.url).database
+    admin = sa.create_engine(db.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if db.backend == "postgresql":
+            for grant in (
+                f"CREATE ROLE {name} LOGIN PASSWORD '{password}'",
+                f'GRANT CONNECT ON DATABASE "{database}" TO {name}',
+                f"GRANT USAGE, CREATE ON SCHEMA public TO {name}",
+                f"GRANT SELECT ON experiments, experiment_tags TO {name}",
+                f"GRANT INSERT, DELETE ON experiment_tags TO {name}",
+            ):
+                conn.execute(sa.text(grant))
+        else:  # table-level grants need existing tables: the admin creates the project's tables first
+            from backfill.schema import metadata
+
+            metadata.create_all(conn)
+            for grant in (
+                f"CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'",
+                f"GRANT SELECT, UPDATE ON `{database}`.experiments TO '{name}'@'%'",
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{database}`.experiment_tags TO '{name}'@'%'",
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{database}`.{RUNS_TABLE} TO '{name}'@'%'",
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{database}`.{LEDGER_TABLE} TO '{name}'@'%'",
+            ):
+                conn.execute(sa.text(grant))
+    admin.dispose()
+    url = sa.make_url(db.url).set(username=name, password=password).render_as_string(hide_password=False)
+    for command in (["run"], ["verify"], ["status"], ["revert", "--yes"]):
+        result = _cli(url, *command)
+        assert result.returncode == 0, (command, result.stderr)
+    assert ours(db) == set() and not tagged(db)
