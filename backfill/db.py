@@ -53,6 +53,11 @@ class Timeouts:
     statement: float = 30.0
     connect: float = 10.0
 
+    @property
+    def deadline(self) -> float:
+        """The client-side limit on one batch transaction (see job._Watchdog)."""
+        return self.statement + self.lock + 5
+
 
 def resolve_url(explicit: str | None = None) -> str:
     """The database URL by the project's precedence rules (see module docstring)."""
@@ -128,7 +133,7 @@ def create_engine(url: URL, timeouts: Timeouts = Timeouts()) -> Engine:
     elif backend == "mysql":
         connect_args["connect_timeout"] = max(1, math.ceil(timeouts.connect))
         # A client-side limit too: a frozen server cannot enforce its own statement timeout.
-        connect_args["read_timeout"] = max(1, math.ceil(timeouts.statement + timeouts.lock + 5))
+        connect_args["read_timeout"] = max(1, math.ceil(timeouts.deadline))
         # READ COMMITTED: INSERT ... SELECT then takes no gap locks that would block MLflow's own inserts.
         kwargs["isolation_level"] = "READ COMMITTED"
     engine = sa.create_engine(url, connect_args=connect_args, **kwargs)

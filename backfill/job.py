@@ -263,8 +263,8 @@ class Backfill:
         with self._open() as conn:
             with_retries(self, lambda: self._probe(conn), conn.rollback)
             with_retries(self, lambda: self._ensure_tables(conn), conn.rollback)
-            with self._single_runner(conn):
-                return _Walk(self, conn, progress or _NoProgress(), should_stop, started).run()
+            with _RunnerLock(self, conn) as lock:
+                return _Walk(self, conn, lock, progress or _NoProgress(), should_stop, started).run()
 
     # ---------------------------------------------------------------- revert
 
@@ -275,21 +275,11 @@ class Backfill:
                 conn.rollback()
                 return 0
             conn.rollback()
-            removed = 0
-            with self._single_runner(conn):
-                lo = -1
-                while True:
-                    with conn.begin():
-                        self._per_transaction(conn)
-                        hi = conn.execute(
-                            sa.text(self.sql.revert_bound), {"lo": lo, "n": self.settings.batch_size}
-                        ).scalar()
-                        if hi is None:
-                            break
-                        for i, statement in enumerate(self.sql.revert):
-                            result = conn.execute(sa.text(statement), _binds(lo=lo, hi=hi))
-                            removed += result.rowcount if i == 0 else 0
-                    lo = int(hi)
+            removed, lo = 0, -1
+            with _RunnerLock(self, conn) as lock:
+                while step := with_retries(self, lambda lo=lo: self._revert_batch(conn, lock, lo), conn.rollback):
+                    lo, deleted = step
+                    removed += deleted
                 with conn.begin():
                     conn.execute(
                         runs.update()
@@ -297,6 +287,19 @@ class Backfill:
                         .values(state="reverted", updated_at_ns=_now_ns())
                     )
             return removed
+
+    def _revert_batch(self, conn: Connection, lock: _RunnerLock, lo: int) -> tuple[int, int] | None:
+        """Delete the ledger's rows in the next keyset range; returns (upper end, tags deleted) or None."""
+        lock.ensure()
+        with _Watchdog(conn, self.settings.timeouts.deadline), conn.begin():
+            self._per_transaction(conn)
+            hi = conn.execute(sa.text(self.sql.revert_bound), {"lo": lo, "n": self.settings.batch_size}).scalar()
+            if hi is None:
+                return None
+            tags, ledger_rows = self.sql.revert
+            deleted = conn.execute(sa.text(tags), _binds(lo=lo, hi=hi)).rowcount
+            conn.execute(sa.text(ledger_rows), _binds(lo=lo, hi=hi))
+        return int(hi), deleted
 
     # ---------------------------------------------------------------- plumbing
 
@@ -320,9 +323,6 @@ class Backfill:
     def _per_transaction(self, conn: Connection) -> None:
         if self.sql.per_transaction:
             conn.execute(sa.text(self.sql.per_transaction), pg_transaction_settings(self.settings.timeouts))
-
-    def _single_runner(self, conn: Connection) -> _RunnerLock:
-        return _RunnerLock(self, conn)
 
 
 class _Session:
@@ -362,9 +362,16 @@ class _RunnerLock:
     def __init__(self, job: Backfill, conn: Connection) -> None:
         self.job = job
         self.conn = conn
+        self.session: object | None = None  # the DBAPI connection that holds the lock
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _RunnerLock:
         self.acquire()
+        return self
+
+    def ensure(self) -> None:
+        """Take the lock again if the connection was replaced (a lost session took its lock with it)."""
+        if self.job.sql.lock is not None and self.conn.connection.dbapi_connection is not self.session:
+            self.acquire()
 
     def acquire(self) -> None:
         statement = self.job.sql.lock
@@ -372,6 +379,7 @@ class _RunnerLock:
             return  # SQLite: checked when the run row is claimed (see _Walk._claim)
         got = self.conn.execute(sa.text(statement)).scalar()
         self.conn.commit()
+        self.session = self.conn.connection.dbapi_connection
         if not got:
             raise BackfillError(
                 "another mlflow-gateway-backfill run or revert is in progress on this database; "
@@ -394,9 +402,16 @@ class _Walk:
     """The state of one run while it walks the keyset."""
 
     def __init__(
-        self, job: Backfill, conn: Connection, progress: Progress, should_stop: Callable[[], bool], started: float
+        self,
+        job: Backfill,
+        conn: Connection,
+        lock: _RunnerLock,
+        progress: Progress,
+        should_stop: Callable[[], bool],
+        started: float,
     ) -> None:
         self.job = job
+        self.lock = lock
         self.s = job.settings
         self.sql = job.sql
         self.conn = conn
@@ -405,7 +420,6 @@ class _Walk:
         self.started = started
         self.size = self.s.batch_size
         self.batch_seconds: list[float] = []
-        self.lock_lost = False
 
     def run(self) -> Report:
         conn = self.conn
@@ -559,16 +573,12 @@ class _Walk:
     def _rollback(self) -> None:
         if self.conn.invalidated or self.conn.in_transaction():
             self.conn.rollback()
-        self.lock_lost = self.lock_lost or self.conn.invalidated
 
     def _step(self, cursor: int) -> tuple[int, int, int, float] | None:
         conn = self.conn
-        if self.lock_lost:  # the session (and its lock) died with the connection: take the lock again
-            _RunnerLock(self.job, conn).acquire()
-            self.lock_lost = False
+        self.lock.ensure()
         t0 = time.monotonic()
-        deadline = self.s.timeouts.statement + self.s.timeouts.lock + 5
-        with _Watchdog(conn, deadline), conn.execution_options(sqlite_begin="IMMEDIATE").begin():
+        with _Watchdog(conn, self.s.timeouts.deadline), conn.execution_options(sqlite_begin="IMMEDIATE").begin():
             self.job._per_transaction(conn)
             hi, scanned = conn.execute(sa.text(self.sql.next_bound), _binds(lo=cursor, n=self.size)).one()
             if hi is None:
