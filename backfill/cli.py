@@ -57,7 +57,7 @@ def timeout_options(func: Callable[..., Any]) -> Callable[..., Any]:
         type=click.FloatRange(min=0.1),
         default=Timeouts.statement,
         show_default=True,
-        help="Seconds any one statement may run.",
+        help="Seconds any one statement may run (PostgreSQL, MySQL family; SQLite has no such limit).",
     )(func)
     return click.option(
         "--lock-timeout",
@@ -350,8 +350,10 @@ def revert(
     """
     with _errors():
         job = _engine(database_url, Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout))
-        if not yes and sys.stdin.isatty():
-            click.confirm(f"Remove the isGateway tags this tool inserted on {display(job.engine.url)}?", abort=True)
+        prompt = f"Remove the isGateway tags this tool inserted on {display(job.engine.url)}?"
+        if not yes and sys.stdin.isatty() and not click.confirm(prompt):
+            click.echo("nothing removed")
+            return
         removed = job.revert()
         _emit(as_json, {"removed": removed}, f"removed {removed} isGateway tags inserted by this tool")
 

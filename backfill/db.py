@@ -7,7 +7,6 @@ The same resolution is used by the CLI, Alembic's ``env.py`` and the Makefile (w
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -86,20 +85,11 @@ def parse_url(raw: str) -> URL:
             f"unsupported database {url.get_backend_name()!r}: use sqlite, postgresql or mysql",
             ExitCode.USAGE,
         )
-    driver = url.get_driver_name() if "+" in url.drivername else ""
-    # Users' URIs often name a driver that is not installed here (plain postgresql:// means psycopg2):
-    # fall back to the drivers this project ships with.
-    wanted = {
-        "postgresql": ("psycopg", {"psycopg2": "psycopg2", "psycopg": "psycopg"}),
-        "mysql": ("pymysql", {"mysqldb": "MySQLdb", "pymysql": "pymysql", "mysqlconnector": "mysql.connector"}),
-    }
-    if backend in wanted:
-        default, modules = wanted[backend]
-        module = modules.get(driver or ("psycopg2" if backend == "postgresql" else "mysqldb"))
-        if module is None or importlib.util.find_spec(module) is None:
-            driver = default
-        url = url.set(drivername=f"{backend}+{driver}" if driver else backend)
-    return url
+    # Whatever driver the URI names (plain postgresql:// means psycopg2, mysql:// mysqlclient), the
+    # project's own drivers are used: its retries, timeouts and frozen-server watchdog rely on psycopg 3's
+    # and PyMySQL's error codes and sockets, and they are what the tests prove.
+    driver = {"postgresql": "psycopg", "mysql": "pymysql"}.get(backend)
+    return url.set(drivername=f"{backend}+{driver}" if driver else backend)
 
 
 def display(url: URL) -> str:
@@ -141,6 +131,8 @@ def create_engine(url: URL, timeouts: Timeouts = Timeouts()) -> Engine:
         _sqlite_transactions(engine)
     elif backend == "mysql":
         _mysql_session(engine, timeouts)
+    else:
+        _postgresql_session(engine, timeouts)
     return engine
 
 
@@ -160,6 +152,18 @@ def _sqlite_transactions(engine: Engine) -> None:
         options = conn.get_execution_options()
         if options.get("isolation_level") != "AUTOCOMMIT":
             conn.exec_driver_sql(f"BEGIN {options.get('sqlite_begin', 'DEFERRED')}")
+
+
+def _postgresql_session(engine: Engine, timeouts: Timeouts) -> None:
+    """Session defaults for every statement; batches also set them locally per transaction."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        settings = pg_transaction_settings(timeouts)
+        with dbapi_connection.cursor() as cur:
+            cur.execute(f"SET lock_timeout = '{settings['lock_timeout']}'")
+            cur.execute(f"SET statement_timeout = '{settings['statement_timeout']}'")
+        dbapi_connection.commit()
 
 
 def _mysql_session(engine: Engine, timeouts: Timeouts) -> None:
@@ -225,17 +229,10 @@ _CONNECT = (
     "could not connect",
     "connection refused",
     "can't connect",
-    "could not translate host",
-    "name or service not known",
-    "password authentication failed",
-    "access denied",
-    "unable to open database",
-    "timeout expired",
-    "unknown database",
-    "does not exist",
     "lost connection",
     "server closed the connection",
     "connection timed out",
+    "timeout expired",
 )
 
 
@@ -250,6 +247,8 @@ def describe(exc: BaseException, url: URL, connecting: bool = False) -> Backfill
         text = text.replace(str(password), "***")
     lowered = text.lower()
     where = display(url)
+    if "file is not a database" in lowered:
+        return BackfillError(f"{where} is not an MLflow tracking database: {text[:300]}", ExitCode.NOT_MLFLOW)
     if connecting:
         return BackfillError(f"cannot connect to {where}: {text[:300]}", ExitCode.CONNECT)
     if any(p in lowered for p in _PERMISSION):

@@ -16,7 +16,8 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -201,23 +202,51 @@ def _socket_fd(conn: Connection) -> int | None:
     return sock.fileno() if sock is not None else None
 
 
-def with_retries(job: Backfill, step: Callable[[], T], before_retry: Callable[[], None]) -> T:
-    """Run ``step``; on a transient error call ``before_retry`` (roll back, shrink the batch), back off
-    exponentially with jitter and try again, ``job.settings.retries`` times at most."""
+def with_retries(
+    job: Backfill, conn: Connection, step: Callable[[], T], before_retry: Callable[[], None] | None = None
+) -> T:
+    """Run ``step`` under the client-side deadline; on a transient error roll back, call ``before_retry``
+    (shrink the batch), back off exponentially with jitter and try again, ``retries`` times at most."""
+
+    def attempt() -> T:
+        with _Watchdog(conn, job.settings.timeouts.deadline):
+            return step()
+
+    def retry(_state: object) -> None:
+        if conn.invalidated or conn.in_transaction():
+            conn.rollback()
+        if before_retry is not None:
+            before_retry()
+
     retrying = Retrying(
         stop=stop_after_attempt(job.settings.retries + 1),
         wait=wait_exponential(multiplier=0.25, max=5) + wait_random(0, 0.05),
         retry=retry_if_exception(is_transient),
-        before_sleep=lambda _state: before_retry(),
+        before_sleep=retry,
         reraise=True,
     )
     try:
-        return retrying(step)
+        return retrying(attempt)
     except DBAPIError as exc:
         if is_transient(exc):
             reason = describe(exc, job.engine.url)
             raise BackfillError(f"gave up after {job.settings.retries} retries ({reason})", ExitCode.STOPPED) from None
         raise
+
+
+@contextmanager
+def _write_transaction(conn: Connection) -> Iterator[None]:
+    """A transaction that takes SQLite's write lock at BEGIN (elsewhere a plain transaction).
+
+    SQLAlchemy 2 changes a Connection's execution options in place, so the option is reset afterwards:
+    reads keep using plain (deferred) transactions and never hold the write lock.
+    """
+    conn.execution_options(sqlite_begin="IMMEDIATE")
+    try:
+        with conn.begin():
+            yield
+    finally:
+        conn.execution_options(sqlite_begin="DEFERRED")
 
 
 class Backfill:
@@ -261,8 +290,8 @@ class Backfill:
             status = self.status()
             return Report(None, "dry-run", True, False, 0, status.missing, 0, 0, time.monotonic() - started)
         with self._open() as conn:
-            with_retries(self, lambda: self._probe(conn), conn.rollback)
-            with_retries(self, lambda: self._ensure_tables(conn), conn.rollback)
+            with_retries(self, conn, lambda: self._probe(conn))
+            with_retries(self, conn, lambda: self._ensure_tables(conn))
             with _RunnerLock(self, conn) as lock:
                 return _Walk(self, conn, lock, progress or _NoProgress(), should_stop, started).run()
 
@@ -277,21 +306,19 @@ class Backfill:
             conn.rollback()
             removed, lo = 0, -1
             with _RunnerLock(self, conn) as lock:
-                while step := with_retries(self, lambda lo=lo: self._revert_batch(conn, lock, lo), conn.rollback):
+                with_retries(self, conn, lambda: _claim_run(self, conn, "reverting"))
+                while step := with_retries(self, conn, lambda lo=lo: self._revert_batch(conn, lock, lo)):
                     lo, deleted = step
                     removed += deleted
+                # Nothing to resume any more; this revert's own row ends as `reverted` too.
                 with conn.begin():
-                    conn.execute(
-                        runs.update()
-                        .where(runs.c.state != "reverted")
-                        .values(state="reverted", updated_at_ns=_now_ns())
-                    )
+                    conn.execute(runs.update().values(state="reverted", updated_at_ns=_now_ns()))
             return removed
 
     def _revert_batch(self, conn: Connection, lock: _RunnerLock, lo: int) -> tuple[int, int] | None:
         """Delete the ledger's rows in the next keyset range; returns (upper end, tags deleted) or None."""
         lock.ensure()
-        with _Watchdog(conn, self.settings.timeouts.deadline), conn.begin():
+        with _write_transaction(conn):
             self._per_transaction(conn)
             hi = conn.execute(sa.text(self.sql.revert_bound), {"lo": lo, "n": self.settings.batch_size}).scalar()
             if hi is None:
@@ -309,6 +336,7 @@ class Backfill:
     def _probe(self, conn: Connection) -> None:
         """Fail before anything is written when the user may not write the rows (rolled back, matches nothing)."""
         with conn.begin() as transaction:
+            self._per_transaction(conn)
             for statement in self.sql.probe:
                 conn.execute(sa.text(statement))
             transaction.rollback()
@@ -318,6 +346,7 @@ class Backfill:
         conn.rollback()
         if not exists:
             with conn.begin():
+                self._per_transaction(conn)
                 metadata.create_all(conn, checkfirst=True)
 
     def _per_transaction(self, conn: Connection) -> None:
@@ -337,8 +366,10 @@ class _Session:
         try:
             require_mlflow(self.conn)
             self.conn.rollback()
-        except BaseException:
+        except BaseException as exc:
             self.conn.close()
+            if isinstance(exc, sa.exc.SQLAlchemyError):
+                raise describe(exc, self.engine.url) from None
             raise
         return self.conn
 
@@ -376,7 +407,7 @@ class _RunnerLock:
     def acquire(self) -> None:
         statement = self.job.sql.lock
         if statement is None:
-            return  # SQLite: checked when the run row is claimed (see _Walk._claim)
+            return  # SQLite: the lease is checked when the run row is claimed (see _claim_run)
         got = self.conn.execute(sa.text(statement)).scalar()
         self.conn.commit()
         self.session = self.conn.connection.dbapi_connection
@@ -423,12 +454,12 @@ class _Walk:
 
     def run(self) -> Report:
         conn = self.conn
-        run_id, cursor, resumed = with_retries(self.job, self._claim, self._rollback)
+        run_id, cursor, resumed = with_retries(self.job, conn, lambda: _claim_run(self.job, conn, "running"))
         self.run_id = run_id
         row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).mappings().one()
         inserted, batches, passes = row["inserted"], row["batches"], row["passes"]
         conn.rollback()
-        new_inserted = 0
+        new_inserted = sweeps = 0  # sweeps: passes started by this invocation
         try:
             if cursor is None:
                 cursor = self._next_pass_start()
@@ -439,13 +470,14 @@ class _Walk:
                 if self.should_stop():
                     raise BackfillError("stopped on request", ExitCode.STOPPED)
                 t0 = time.monotonic()
-                step = with_retries(self.job, lambda c=cursor: self._step(c), self._shrink)
+                step = with_retries(self.job, conn, lambda c=cursor: self._step(c), self._shrink)
                 if step is None:  # end of this pass: anything left, or appeared below the cursor?
                     cursor = self._next_pass_start()
                     if cursor is None:
                         break
                     passes += 1
-                    if passes > self.s.max_passes:
+                    sweeps += 1
+                    if sweeps >= self.s.max_passes:
                         raise BackfillError(
                             f"gateway experiments are still appearing without isGateway after {self.s.max_passes} "
                             "passes (a writer older than MLflow 3.10.1 is probably still running)",
@@ -491,50 +523,11 @@ class _Walk:
 
     # -- the run row
 
-    def _claim(self) -> tuple[int, int | None, bool]:
-        """Resume the latest unfinished run, or start one. Returns (run id, cursor, resumed)."""
-        conn = self.conn
-        host, pid, now = socket.gethostname(), os.getpid(), _now_ns()
-        with conn.execution_options(sqlite_begin="IMMEDIATE").begin():
-            last = (
-                conn.execute(
-                    sa.select(runs).where(runs.c.state.in_(("running", "stopped"))).order_by(runs.c.id.desc()).limit(1)
-                )
-                .mappings()
-                .first()
-            )
-            if last is not None and last["state"] == "running" and self.sql.lock is None and _alive(last):
-                raise BackfillError(
-                    f"run {last['id']} (pid {last['pid']} on {last['host']}) is in progress on this database",
-                    ExitCode.LOCKED,
-                )
-            if last is not None:
-                conn.execute(
-                    runs.update()
-                    .where(runs.c.id == last["id"])
-                    .values(state="running", host=host, pid=pid, updated_at_ns=now, message=None)
-                )
-                return int(last["id"]), last["last_id"], True
-            result = conn.execute(
-                runs.insert().values(
-                    state="running",
-                    started_at_ns=now,
-                    updated_at_ns=now,
-                    last_id=None,
-                    passes=0,
-                    batches=0,
-                    inserted=0,
-                    host=host,
-                    pid=pid,
-                )
-            )
-            return int(result.inserted_primary_key[0]), None, False
-
     def _finish(self, state: str, message: str | None) -> None:
         try:
             if self.conn.invalidated or self.conn.in_transaction():
                 self.conn.rollback()
-            with self.conn.begin():
+            with _Watchdog(self.conn, self.s.timeouts.deadline), _write_transaction(self.conn):
                 values: dict[str, Any] = {"state": state, "updated_at_ns": _now_ns(), "message": message}
                 if state == "done":
                     values["last_id"] = None
@@ -546,13 +539,19 @@ class _Walk:
 
     def _next_pass_start(self) -> int | None:
         """The cursor just below the first experiment that still needs the tag, or None."""
-        first = self.conn.execute(sa.text(self.sql.first_missing), _binds()).scalar()
-        self.conn.rollback()
+        return with_retries(self.job, self.conn, self._first_missing)
+
+    def _first_missing(self) -> int | None:
+        conn = self.conn
+        with conn.begin():
+            self.job._per_transaction(conn)
+            first = conn.execute(sa.text(self.sql.first_missing), _binds()).scalar()
         if first is None:
             return None
         cursor = int(first) - 1
-        with self.conn.begin():
-            self.conn.execute(
+        with _write_transaction(conn):
+            self.job._per_transaction(conn)
+            conn.execute(
                 runs.update()
                 .where(runs.c.id == self.run_id)
                 .values(last_id=cursor, passes=runs.c.passes + 1, updated_at_ns=_now_ns())
@@ -560,25 +559,23 @@ class _Walk:
         return cursor
 
     def _remaining(self, cursor: int) -> int:
-        total = int(self.conn.execute(sa.text(self.sql.count_from), _binds(lo=cursor)).scalar_one())
-        self.conn.rollback()
-        return total
+        def count() -> int:
+            with self.conn.begin():
+                self.job._per_transaction(self.conn)
+                return int(self.conn.execute(sa.text(self.sql.count_from), _binds(lo=cursor)).scalar_one())
+
+        return with_retries(self.job, self.conn, count)
 
     # -- one batch
 
     def _shrink(self) -> None:
         self.size = max(self.s.min_batch_size, self.size // 2)
-        self._rollback()
-
-    def _rollback(self) -> None:
-        if self.conn.invalidated or self.conn.in_transaction():
-            self.conn.rollback()
 
     def _step(self, cursor: int) -> tuple[int, int, int, float] | None:
         conn = self.conn
         self.lock.ensure()
         t0 = time.monotonic()
-        with _Watchdog(conn, self.s.timeouts.deadline), conn.execution_options(sqlite_begin="IMMEDIATE").begin():
+        with _write_transaction(conn):
             self.job._per_transaction(conn)
             hi, scanned = conn.execute(sa.text(self.sql.next_bound), _binds(lo=cursor, n=self.size)).one()
             if hi is None:
@@ -586,8 +583,15 @@ class _Walk:
             hi = int(hi)
             binds = _binds(lo=cursor, hi=hi, run=self.run_id, now=_now_ns())
             added = 0
-            for statement in self.sql.batch:
-                added = conn.execute(sa.text(statement), binds).rowcount
+            ids = None
+            if self.sql.lock_rows:  # MySQL: lock the candidates; insert for exactly those
+                ids = conn.execute(sa.text(self.sql.lock_rows), binds).scalars().all()
+                binds["ids"] = ids
+            for statement in self.sql.batch if ids != [] else ():
+                text = sa.text(statement)
+                if ":ids" in statement:
+                    text = text.bindparams(sa.bindparam("ids", expanding=True))
+                added = conn.execute(text, binds).rowcount
             conn.execute(
                 runs.update()
                 .where(runs.c.id == self.run_id)
@@ -613,6 +617,57 @@ class _Walk:
             pause = max(pause, scanned / self.s.max_rows_per_second - elapsed)
         if pause > 0:
             time.sleep(pause)
+
+
+def _claim_run(job: Backfill, conn: Connection, state: str) -> tuple[int, int | None, bool]:
+    """Record a `running` run (resuming the latest unfinished one) or a `reverting` one.
+
+    Returns (run id, cursor, resumed). On SQLite this is also the single-runner lease: a live
+    `running` or `reverting` row of another process refuses the claim.
+    """
+    host, pid, now = socket.gethostname(), os.getpid(), _now_ns()
+    with _write_transaction(conn):
+        job._per_transaction(conn)
+        if job.sql.lock is None:
+            busy = conn.execute(
+                sa.select(runs).where(runs.c.state.in_(("running", "reverting"))).order_by(runs.c.id.desc())
+            ).mappings()
+            for row in busy:
+                if _alive(row):
+                    raise BackfillError(
+                        f"run {row['id']} (pid {row['pid']} on {row['host']}) is {row['state']} on this database",
+                        ExitCode.LOCKED,
+                    )
+        last = None
+        if state == "running":
+            last = (
+                conn.execute(
+                    sa.select(runs).where(runs.c.state.in_(("running", "stopped"))).order_by(runs.c.id.desc()).limit(1)
+                )
+                .mappings()
+                .first()
+            )
+        if last is not None:
+            conn.execute(
+                runs.update()
+                .where(runs.c.id == last["id"])
+                .values(state="running", host=host, pid=pid, updated_at_ns=now, message=None)
+            )
+            return int(last["id"]), last["last_id"], True
+        result = conn.execute(
+            runs.insert().values(
+                state=state,
+                started_at_ns=now,
+                updated_at_ns=now,
+                last_id=None,
+                passes=0,
+                batches=0,
+                inserted=0,
+                host=host,
+                pid=pid,
+            )
+        )
+        return int(result.inserted_primary_key[0]), None, False
 
 
 def _alive(run: Any) -> bool:

@@ -35,6 +35,8 @@ def runs_columns() -> list[Column]:
 def ledger_columns() -> list[Column]:
     return [
         Column("experiment_id", Integer, primary_key=True, autoincrement=False),
+        # experiments.creation_time when the row was inserted: an id reused after `mlflow gc` is another experiment.
+        Column("experiment_created", BigInteger, nullable=True),
         Column("run_id", Integer, nullable=True),  # NULL: inserted by the offline `alembic upgrade --sql` script
         # Nanoseconds since the epoch; also identifies the batch that inserted the row.
         Column("inserted_at_ns", BigInteger, nullable=False),

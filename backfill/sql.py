@@ -46,20 +46,21 @@ SUPPORTED = ("sqlite", "postgresql", "mysql")
 
 @dataclass(frozen=True)
 class DialectSQL:
-    """The statements for one dialect. ``{range}`` placeholders are filled by :func:`for_dialect`."""
+    """The statements for one dialect (see :func:`for_dialect`)."""
 
     name: str
+    lock_rows: str | None  # MySQL: locks the batch's candidate experiments and returns their ids (:ids)
     batch: tuple[str, ...]  # one transaction; the last statement's rowcount is the rows inserted
     first_missing: str
     count_from: str
     next_bound: str
     status: str
     revert_bound: str
-    revert: tuple[str, ...]
+    revert: tuple[str, str]  # tag rows, then ledger rows, of one keyset range of the ledger
     probe: tuple[str, ...]  # writes nothing; fails at once when the user lacks a privilege `run` needs
     lock: str | None  # session-level single-runner lock (None: SQLite uses the runs table)
     unlock: str | None
-    per_transaction: str | None  # run at the start of every batch transaction
+    per_transaction: str | None  # run at the start of every transaction on PostgreSQL
 
 
 def _q(dialect: str) -> str:
@@ -72,21 +73,39 @@ def _eq(dialect: str, column: str, param: str) -> str:
     return f"BINARY {column} = :{param}" if dialect == "mysql" else f"{column} = :{param}"
 
 
-def _candidates(dialect: str, columns: str, bounded: bool) -> str:
-    """SELECT of the experiments in (lo, hi] that are gateway and have no isGateway row."""
+def _candidates(dialect: str, columns: str, bounded: bool, locked: bool = False, join: bool = False) -> str:
+    """SELECT of the experiments in (lo, hi] that are gateway and have no isGateway row.
+
+    ``join`` brings in the experiment as ``e`` (its creation time goes into the ledger); ``locked`` keeps
+    only the ids the batch locked first (MySQL).
+    """
     k = _q(dialect)
     rng = " AND s.experiment_id > :lo AND s.experiment_id <= :hi" if bounded else ""
+    ids = " AND s.experiment_id IN :ids" if locked else ""
+    experiments = " JOIN experiments e ON e.experiment_id = s.experiment_id" if join else ""
     return (
-        f"SELECT {columns} FROM experiment_tags s"
-        f" WHERE s.{k} = :src AND {_eq(dialect, 's.value', 'gw')}{rng}"
+        f"SELECT {columns} FROM experiment_tags s{experiments}"
+        f" WHERE s.{k} = :src AND {_eq(dialect, 's.value', 'gw')}{rng}{ids}"
         f" AND NOT EXISTS (SELECT 1 FROM experiment_tags g"
         f" WHERE g.{k} = :isgw AND g.experiment_id = s.experiment_id)"
     )
 
 
-def _batch(dialect: str, bounded: bool) -> tuple[str, ...]:
+_LEDGER_INSERT = f"INSERT INTO {LEDGER_TABLE} (experiment_id, experiment_created, run_id, inserted_at_ns)"
+_LEDGER_COLUMNS = "s.experiment_id, e.creation_time, :run, :now"
+
+
+def _lock_rows(dialect: str, bounded: bool, columns: str = "e.experiment_id") -> str:
+    """MySQL: lock the candidate experiments. A tag insert takes a shared lock on its experiment through
+    the foreign key, so nobody can add an isGateway row to them until the batch commits."""
+    return (
+        f"SELECT {columns} FROM experiments e WHERE e.experiment_id IN"
+        f" ({_candidates(dialect, 's.experiment_id', bounded)}) FOR UPDATE"
+    )
+
+
+def _batch(dialect: str, bounded: bool, locked: bool) -> tuple[str, ...]:
     k = _q(dialect)
-    ledger_cols = f"INSERT INTO {LEDGER_TABLE} (experiment_id, run_id, inserted_at_ns)"
     rng = " AND r.experiment_id > :lo AND r.experiment_id <= :hi" if bounded else ""
     if dialect == "postgresql":
         return (
@@ -94,10 +113,12 @@ def _batch(dialect: str, bounded: bool) -> tuple[str, ...]:
             # psycopg 3 sends typed parameters: one parameter must not be text here and varchar below.
             f" {_candidates(dialect, 'CAST(:isgw AS VARCHAR), CAST(:tv AS VARCHAR), s.experiment_id', bounded)}"
             f" ON CONFLICT ({k}, experiment_id) DO NOTHING RETURNING experiment_id)"
-            f" {ledger_cols} SELECT experiment_id, :run, :now FROM ins"
-            " ON CONFLICT (experiment_id) DO UPDATE"
-            " SET run_id = EXCLUDED.run_id, inserted_at_ns = EXCLUDED.inserted_at_ns",
+            f" {_LEDGER_INSERT} SELECT ins.experiment_id, e.creation_time, :run, :now"
+            " FROM ins JOIN experiments e ON e.experiment_id = ins.experiment_id"
+            " ON CONFLICT (experiment_id) DO UPDATE SET experiment_created = EXCLUDED.experiment_created,"
+            " run_id = EXCLUDED.run_id, inserted_at_ns = EXCLUDED.inserted_at_ns",
         )
+    # The ledger first, then exactly the ledger rows of this batch (the timestamp identifies it) as tags.
     from_ledger = (
         f"INSERT INTO experiment_tags ({k}, value, experiment_id)"
         f" SELECT :isgw, :tv, r.experiment_id FROM {LEDGER_TABLE} r"
@@ -105,18 +126,32 @@ def _batch(dialect: str, bounded: bool) -> tuple[str, ...]:
     )
     if dialect == "sqlite":
         return (
-            f"{ledger_cols} {_candidates(dialect, 's.experiment_id, :run, :now', bounded)}"
-            " ON CONFLICT (experiment_id) DO UPDATE"
-            " SET run_id = excluded.run_id, inserted_at_ns = excluded.inserted_at_ns",
+            f"{_LEDGER_INSERT} {_candidates(dialect, _LEDGER_COLUMNS, bounded, join=True)}"
+            " ON CONFLICT (experiment_id) DO UPDATE SET experiment_created = excluded.experiment_created,"
+            " run_id = excluded.run_id, inserted_at_ns = excluded.inserted_at_ns",
             f"{from_ledger} ON CONFLICT ({k}, experiment_id) DO NOTHING",
         )
     return (
-        "SELECT e.experiment_id FROM experiments e WHERE e.experiment_id IN"
-        f" ({_candidates(dialect, 's.experiment_id', bounded)}) FOR UPDATE",
-        f"{ledger_cols} {_candidates(dialect, 's.experiment_id, :run, :now', bounded)}"
-        " ON DUPLICATE KEY UPDATE run_id = VALUES(run_id), inserted_at_ns = VALUES(inserted_at_ns)",
+        f"{_LEDGER_INSERT} {_candidates(dialect, _LEDGER_COLUMNS, bounded, locked, join=True)}"
+        " ON DUPLICATE KEY UPDATE experiment_created = VALUES(experiment_created), run_id = VALUES(run_id),"
+        " inserted_at_ns = VALUES(inserted_at_ns)",
         # A no-op update rather than INSERT IGNORE, which would also hide real errors.
         f"{from_ledger} ON DUPLICATE KEY UPDATE experiment_tags.{k} = experiment_tags.{k}",
+    )
+
+
+def _revert(dialect: str, bounded: bool) -> tuple[str, str]:
+    """Delete the tag rows the ledger lists, only while they still hold the value we wrote (a row a user
+    changed since is theirs now) and belong to the same experiment (ids can be reused after
+    `mlflow gc`: the creation time tells them apart); then the ledger rows."""
+    k = _q(dialect)
+    rng = " AND l.experiment_id > :lo AND l.experiment_id <= :hi" if bounded else ""
+    return (
+        f"DELETE FROM experiment_tags WHERE {k} = :isgw AND {_eq(dialect, 'value', 'tv')}"
+        f" AND experiment_id IN (SELECT l.experiment_id FROM {LEDGER_TABLE} l"
+        " JOIN experiments e ON e.experiment_id = l.experiment_id"
+        f" WHERE COALESCE(l.experiment_created, -1) = COALESCE(e.creation_time, -1){rng})",
+        f"DELETE FROM {LEDGER_TABLE}" + (" WHERE experiment_id > :lo AND experiment_id <= :hi" if bounded else ""),
     )
 
 
@@ -166,7 +201,8 @@ def for_dialect(dialect: str) -> DialectSQL:
     }[dialect]
     return DialectSQL(
         name=dialect,
-        batch=_batch(dialect, bounded=True),
+        lock_rows=_lock_rows(dialect, bounded=True) if dialect == "mysql" else None,
+        batch=_batch(dialect, bounded=True, locked=dialect == "mysql"),
         first_missing=_candidates(dialect, "MIN(s.experiment_id)", bounded=False),
         count_from=f"SELECT COUNT(*) FROM experiment_tags WHERE {k} = :src AND experiment_id > :lo",
         # Keyset: the upper end (and count) of the next n rows of the (key, experiment_id) primary key. No OFFSET.
@@ -179,13 +215,7 @@ def for_dialect(dialect: str) -> DialectSQL:
             f"SELECT MAX(experiment_id) FROM (SELECT experiment_id FROM {LEDGER_TABLE}"
             " WHERE experiment_id > :lo ORDER BY experiment_id LIMIT :n) b"
         ),
-        revert=(
-            # Only rows still holding the value we wrote; a row a user changed since is theirs now.
-            f"DELETE FROM experiment_tags WHERE {k} = :isgw AND {_eq(dialect, 'value', 'tv')}"
-            f" AND experiment_id IN (SELECT experiment_id FROM {LEDGER_TABLE}"
-            " WHERE experiment_id > :lo AND experiment_id <= :hi)",
-            f"DELETE FROM {LEDGER_TABLE} WHERE experiment_id > :lo AND experiment_id <= :hi",
-        ),
+        revert=_revert(dialect, bounded=True),
         probe=_probe(dialect),
         lock=locks[0],
         unlock=locks[1],
@@ -199,20 +229,14 @@ def for_dialect(dialect: str) -> DialectSQL:
 
 
 def offline_backfill(dialect: str) -> tuple[str, ...]:
-    """The backfill as one unbounded batch, for Alembic's ``--sql`` script (idempotent as written).
+    """The backfill as one unbounded batch in one transaction, for Alembic's ``--sql`` script (idempotent)."""
+    statements = _batch(dialect, bounded=False, locked=False)
+    if dialect == "mysql":
+        # One row of output (a count) rather than every locked id; the lock is the same.
+        return ("START TRANSACTION", _lock_rows(dialect, False, "COUNT(*)"), *statements, "COMMIT")
+    return statements
 
-    On the MySQL family the script runs in autocommit mode, where the row-locking SELECT of a batch would
-    lock nothing; it is left out (the script is meant for a maintenance window).
-    """
-    statements = _batch(dialect, bounded=False)
-    return statements[1:] if dialect == "mysql" else statements
 
-
-def offline_revert(dialect: str) -> tuple[str, ...]:
+def offline_revert(dialect: str) -> tuple[str, str]:
     """Undo everything in the ledger, for ``alembic downgrade --sql``."""
-    k = _q(dialect)
-    return (
-        f"DELETE FROM experiment_tags WHERE {k} = :isgw AND {_eq(dialect, 'value', 'tv')}"
-        f" AND experiment_id IN (SELECT experiment_id FROM {LEDGER_TABLE})",
-        f"DELETE FROM {LEDGER_TABLE}",
-    )
+    return _revert(dialect, bounded=False)

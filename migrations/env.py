@@ -24,7 +24,15 @@ def _url():  # type: ignore[no-untyped-def]
 
 def run_migrations_offline() -> None:
     """``alembic upgrade head --sql``: render the script for the URL's dialect; never connects."""
-    context.configure(url=_url(), version_table=VERSION_TABLE, literal_binds=True, dialect_opts={"paramstyle": "named"})
+    url = _url()
+    context.configure(
+        url=url,
+        version_table=VERSION_TABLE,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        # One transaction around the script on SQLite too, so the ledger and the tags commit together.
+        transactional_ddl=url.get_backend_name() != "mysql",
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -83,7 +83,7 @@ def test_offline_sql_script_reaches_the_same_end_state(db: Db) -> None:
 
     assert db.tags() == snapshot_tags(online)
     assert [r[0] for r in db.table(VERSION_TABLE)] == ["gateway_backfill_0001"]
-    assert {e for e, _, _ in db.table(LEDGER_TABLE)} == {1001, 1002}
+    assert {row[0] for row in db.table(LEDGER_TABLE)} == {1001, 1002}
 
     down = alembic(db.url, "downgrade", "gateway_backfill_0001:base", "--sql")
     db.server.run_sql_script(db.url, down.stdout)

@@ -124,7 +124,8 @@ def test_revert_keeps_a_row_whose_value_was_changed_since(mixed: Db) -> None:
 def test_ledger_records_each_inserted_row_with_its_run(mixed: Db) -> None:
     report = job(mixed).run()
     ledger = mixed.table(LEDGER_TABLE)
-    assert [(e, run) for e, run, _ in ledger] == [(1001, report.run_id), (1002, report.run_id)]
+    # experiment id, its creation time (0 for these), run, time of insertion
+    assert [(e, created, run) for e, created, run, _ in ledger] == [(1001, 0, report.run_id), (1002, 0, report.run_id)]
 
 
 def test_refuses_a_database_without_mlflow_tables(server) -> None:  # type: ignore[no-untyped-def]
@@ -177,9 +178,10 @@ def test_a_live_runner_blocks_a_second_one(db: Db) -> None:
         else:
             holder.execute(sa.text(first.sql.lock or ""))
             sleeper = None
-        with pytest.raises(BackfillError) as err:
-            job(db).run()
-        assert err.value.code == ExitCode.LOCKED
+        for blocked in (job(db).run, job(db).revert):  # a revert may not run beside a live run either
+            with pytest.raises(BackfillError) as err:
+                blocked()
+            assert err.value.code == ExitCode.LOCKED
         if sleeper is not None:  # the runner dies: its lease no longer blocks
             sleeper.kill()
             sleeper.wait()
@@ -189,3 +191,52 @@ def test_a_live_runner_blocks_a_second_one(db: Db) -> None:
     finally:
         holder.close()
         holder_engine.dispose()
+
+
+def test_revert_spares_a_reused_experiment_id(mixed: Db) -> None:
+    """`mlflow gc` removes an experiment; a new one gets its id (SQLite reuses the highest) and MLflow
+    tags it isGateway itself: that row is not ours, whatever the ledger says about the id."""
+    j = job(mixed)
+    j.run()
+    with mixed.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM experiment_tags WHERE experiment_id = 1001"))
+        conn.execute(sa.text("DELETE FROM experiments WHERE experiment_id = 1001"))
+    meta = sa.MetaData()
+    experiments = sa.Table("experiments", meta, autoload_with=mixed.engine)
+    with mixed.engine.begin() as conn:
+        conn.execute(
+            experiments.insert().values(
+                experiment_id=1001,
+                name="reborn",
+                artifact_location="/tmp/r",
+                lifecycle_stage="active",
+                creation_time=42,
+                last_update_time=42,
+            )
+        )
+    mixed.set_tag(1001, SRC, "GATEWAY")
+    mixed.set_tag(1001, ISGW, "true")
+    assert j.revert() == 1  # only 1002's row
+    assert (1001, ISGW, "true") in mixed.tags()
+
+
+@pytest.mark.backends("sqlite")
+def test_reads_never_hold_the_sqlite_write_lock(db: Db) -> None:
+    db.add_experiments([(e, "active", [(SRC, "GATEWAY")]) for e in range(1, 8)])
+    engine = create_engine(parse_url(db.url))
+    begins: list[tuple[str, str]] = []  # (BEGIN mode, the transaction's first statement)
+    pending: list[str] = []
+
+    @sa.event.listens_for(engine, "begin")
+    def began(conn):  # type: ignore[no-untyped-def]
+        pending.append(conn.get_execution_options().get("sqlite_begin", "DEFERRED"))
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def first_statement(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
+        if pending and not statement.startswith("BEGIN"):
+            begins.append((pending.pop(), statement))
+
+    Backfill(engine, Settings(batch_size=3, adaptive=False)).run()
+    immediate = [s for mode, s in begins if mode == "IMMEDIATE"]
+    assert immediate  # batches and run-record writes
+    assert not [s for s in immediate if "MIN(s.experiment_id)" in s or s.startswith("SELECT COUNT(*)")]

@@ -102,6 +102,27 @@ def test_non_mlflow_database_is_refused_and_untouched(tmp_path: Path) -> None:
     assert sa.inspect(engine).get_table_names() == ["t"]
 
 
+def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    target = tmp_path / "notes.db"
+    target.write_text("just some text, not SQLite\n" * 100)
+    code, _, err = invoke("status", "--database-url", f"sqlite:///{target}")
+    assert code == 4 and err.count("\n") == 1 and "not an MLflow tracking database" in err
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"])
+def test_postgres_uris_use_psycopg3(scheme: str) -> None:
+    from backfill.db import parse_url
+
+    assert parse_url(f"{scheme}://u:p@h/db").drivername == "postgresql+psycopg"
+
+
+@pytest.mark.parametrize("scheme", ["mysql", "mysql+mysqldb", "mysql+pymysql", "mariadb"])
+def test_mysql_uris_use_pymysql(scheme: str) -> None:
+    from backfill.db import parse_url
+
+    assert parse_url(f"{scheme}://u:p@h/db").drivername == "mysql+pymysql"
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -32,7 +32,7 @@ def gateway(db: Db, ids: range = GATEWAY_IDS) -> None:
 
 
 def ours(db: Db) -> set[int]:
-    return {e for e, _, _ in db.table(LEDGER_TABLE)}
+    return {row[0] for row in db.table(LEDGER_TABLE)}
 
 
 def tagged(db: Db) -> set[int]:
