@@ -327,3 +327,21 @@ def snapshot(url: str, skip: tuple[str, ...] = ()) -> dict[str, list[tuple]]:
             }
     finally:
         engine.dispose()
+
+
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    """``python -m backfill ARGS`` in the background, as a user would start it."""
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "backfill", *args], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m backfill ARGS`` to the end."""
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "backfill", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300
+    )

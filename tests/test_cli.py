@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from backfill.cli import cli
 from backfill.sql import IS_GATEWAY_KEY as ISGW
 from backfill.sql import SOURCE_TYPE_KEY as SRC
-from tests.conftest import REPO, Db
+from tests.conftest import REPO, Db, start_cli
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -169,25 +169,7 @@ def test_python_dash_m_and_help_teach() -> None:
 
 def test_sigterm_stops_after_the_batch_in_flight_and_resumes(gw: Db) -> None:
     gw.add_experiments([(5000 + i, "active", [(SRC, "GATEWAY")]) for i in range(400)])
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backfill",
-            "run",
-            "--database-url",
-            gw.url,
-            "--batch-size",
-            "1",
-            "--fixed",
-            "--sleep",
-            "0.05",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    proc = start_cli("run", "--database-url", gw.url, "--batch-size", "1", "--fixed", "--sleep", "0.05")
     import time
 
     deadline = time.monotonic() + 60

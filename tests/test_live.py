@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ from backfill.job import Backfill, Settings
 from backfill.sql import IS_GATEWAY_KEY as ISGW
 from backfill.sql import LEDGER_TABLE, RUNS_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
-from tests.conftest import REPO, Db
+from tests.conftest import Db, run_cli, start_cli
 from tests.mlflow_data import create_gateway_experiments, mlflow_store
 
 GATEWAY_IDS = range(100_000, 100_040)
@@ -115,25 +114,7 @@ def test_a_lock_released_during_the_retries_lets_the_run_finish(db: Db) -> None:
 
 def test_sigkill_leaves_whole_batches_and_the_next_run_resumes(db: Db) -> None:
     gateway(db, range(100_000, 100_300))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backfill",
-            "run",
-            "--database-url",
-            db.url,
-            "--batch-size",
-            "1",
-            "--fixed",
-            "--sleep",
-            "0.01",
-            "-q",
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_cli("run", "--database-url", db.url, "--batch-size", "1", "--fixed", "--sleep", "0.01", "-q")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if sa.inspect(db.engine).has_table(LEDGER_TABLE) and len(ours(db)) >= 20:
@@ -145,13 +126,7 @@ def test_sigkill_leaves_whole_batches_and_the_next_run_resumes(db: Db) -> None:
     assert 20 <= len(ours(db)) < 300
     # a gateway experiment appears below the cursor while nobody runs
     gateway(db, range(99_990, 99_991))
-    result = subprocess.run(
-        [sys.executable, "-m", "backfill", "run", "--database-url", db.url, "--json", "-q"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli("run", "--database-url", db.url, "--json", "-q")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["resumed"] is True
     assert ours(db) == {99_990, *range(100_000, 100_300)}
@@ -207,27 +182,15 @@ def _container(db: Db):  # type: ignore[no-untyped-def]
 
 
 def _start_cli_run(db: Db, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backfill",
-            "run",
-            "--database-url",
-            db.url,
-            "--batch-size",
-            "1",
-            "--fixed",
-            "--sleep",
-            "0.02",
-            "-q",
-            *extra,
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_cli("run", "--database-url", db.url, "--batch-size", "1", "--fixed", "--sleep", "0.02", "-q", *extra)
+
+
+def _rerun_finishes_exactly(db: Db) -> None:
+    db.engine.dispose()
+    rerun = run_cli("run", "--database-url", db.url, "-q")
+    assert rerun.returncode == 0, rerun.stderr
+    assert ours(db) == set(range(100_000, 100_300))
+    assert_whole_batches(db)
 
 
 def _wait_for_progress(db: Db, at_least: int) -> None:
@@ -254,17 +217,7 @@ def test_paused_server_ends_in_a_timeout_and_a_resumable_exit(db: Db) -> None:
         container.unpause()
     assert proc.returncode == ExitCode.STOPPED, err
     assert "run` again to resume" in err and "Traceback" not in err
-    db.engine.dispose()
-    rerun = subprocess.run(
-        [sys.executable, "-m", "backfill", "run", "--database-url", db.url, "-q"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert rerun.returncode == 0, rerun.stderr
-    assert ours(db) == set(range(100_000, 100_300))
-    assert_whole_batches(db)
+    _rerun_finishes_exactly(db)
 
 
 @pytest.mark.backends("postgresql", "mysql")
@@ -277,18 +230,12 @@ def test_restarted_server_is_retried_or_resumed_exactly(db: Db) -> None:
     _, err = proc.communicate(timeout=180)
     assert proc.returncode in (ExitCode.OK, ExitCode.STOPPED), err
     assert "Traceback" not in err
-    db.engine.dispose()
     if proc.returncode == ExitCode.STOPPED:
-        rerun = subprocess.run(
-            [sys.executable, "-m", "backfill", "run", "--database-url", db.url, "-q"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert rerun.returncode == 0, rerun.stderr
-    assert ours(db) == set(range(100_000, 100_300))
-    assert_whole_batches(db)
+        _rerun_finishes_exactly(db)
+    else:
+        db.engine.dispose()  # the test's own pooled connections died with the server
+        assert ours(db) == set(range(100_000, 100_300))
+        assert_whole_batches(db)
 
 
 @pytest.mark.backends("postgresql", "mysql")
@@ -344,13 +291,7 @@ def _make_user(db: Db, grants: str) -> str:
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "backfill", *args, "--database-url", url],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(*args, "--database-url", url)
 
 
 @pytest.mark.backends("postgresql", "mysql")
@@ -406,14 +347,7 @@ def test_sleep_and_rows_per_second_ceiling(db: Db, monkeypatch: pytest.MonkeyPat
 def test_env_password_never_in_output(db: Db) -> None:
     if not sa.make_url(db.url).password:
         return
-    result = subprocess.run(
-        [sys.executable, "-m", "backfill", "status"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DATABASE_URL": db.url.replace("@", "@nohost-", 1)},
-        timeout=120,
-    )
+    result = run_cli("status", env={**os.environ, "DATABASE_URL": db.url.replace("@", "@nohost-", 1)})
     assert result.returncode == ExitCode.CONNECT
     assert sa.make_url(db.url).password not in result.stdout + result.stderr
 
