@@ -44,10 +44,12 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 
 bench: $(BIN)/.installed  ## 100k and 1M experiments on every backend (see README)
+	$(BIN)/pip install -q -e '.[test,bench]'
 	scripts/provision-tests.sh
 	$(BIN)/python -m bench
 
 bench-quick: $(BIN)/.installed  ## small sizes, for development
+	$(BIN)/pip install -q -e '.[test,bench]'
 	scripts/provision-tests.sh
 	$(BIN)/python -m bench --quick
 

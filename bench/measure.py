@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from backfill import sql
 from backfill.db import Timeouts, create_engine, parse_url
 from backfill.job import Backfill, Settings
 from backfill.schema import metadata
+from bench.child import RSS_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 # The floor and the anti-join count run far longer than one batch: no statement limit for them.
@@ -71,7 +72,8 @@ def warm(url: str) -> None:
     engine = engine_for(url)
     try:
         with engine.connect() as conn:
-            conn.execute(sa.text("SELECT COUNT(*), SUM(LENGTH(name)) FROM experiments")).all()
+            # Columns that no index holds, so the tables themselves are read (InnoDB: the clustered index).
+            conn.execute(sa.text("SELECT COUNT(*), SUM(LENGTH(artifact_location)) FROM experiments")).all()
             conn.execute(sa.text("SELECT COUNT(*), SUM(LENGTH(value)) FROM experiment_tags")).all()
             conn.execute(sa.text(anti_join_count_sql(engine.dialect.name)), _binds()).all()
     finally:
@@ -89,6 +91,8 @@ def single_statement(url: str, offline_script: bool = False) -> Timed:
     engine = engine_for(url)
     dialect = engine.dialect.name
     statements = sql.offline_backfill(dialect) if offline_script else (single_statement_sql(dialect),)
+    # The script's own transaction control is replaced by the one transaction below.
+    statements = tuple(s for s in statements if not re.match(r"(START TRANSACTION|BEGIN|COMMIT)\b", s, re.I))
     binds = _binds(run=None, now=time.time_ns())
     try:
         with engine.connect() as conn:
@@ -99,7 +103,9 @@ def single_statement(url: str, offline_script: bool = False) -> Timed:
             with conn.begin():
                 rows = 0
                 for statement in statements:
-                    rows = conn.execute(sa.text(statement), binds).rowcount
+                    result = conn.execute(sa.text(statement), binds)
+                    if "INSERT INTO EXPERIMENT_TAGS" in statement.upper():
+                        rows = result.rowcount
             return Timed(rows, time.perf_counter() - t0)
     finally:
         engine.dispose()
@@ -124,24 +130,26 @@ def anti_join_count(url: str, repeat: int = 3) -> Timed:
 def backfill_subprocess(url: str, *options: str, variant: str | None = None) -> dict[str, Any]:
     """``mlflow-gateway-backfill run --json -q`` in a child process: its report plus the child's peak RSS.
 
-    The child is the real CLI (through bench.child, which may first apply a prototype ``variant``). Its
-    peak RSS comes from ``wait4`` on that child alone, so earlier children do not inflate it.
+    The child is the real CLI (through bench.child, which may first apply a prototype ``variant``) and
+    reports its own peak RSS (see bench.child for why the parent cannot read it with wait4).
     """
     command = [sys.executable, "-m", "bench.child", *(["--variant", variant] if variant else [])]
     command += ["run", "--database-url", url, "--json", "-q", *options]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        child = subprocess.Popen(command, stdout=out, stderr=err, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t0
-        out.seek(0)
-        err.seek(0)
-        if child.returncode != 0:
-            raise RuntimeError(f"backfill run failed ({child.returncode}): {err.read().decode()[-2000:]}")
-        report = json.loads(out.read().decode().strip().splitlines()[-1])
-    # ru_maxrss is in KiB on Linux.
-    return {**report, "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "process_seconds": round(wall, 3)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    child = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, check=False)
+    wall = time.perf_counter() - t0
+    if child.returncode != 0:
+        raise RuntimeError(f"backfill run failed ({child.returncode}): {child.stderr[-2000:]}")
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    rss_kb = next(int(line.split()[1]) for line in child.stderr.splitlines() if line.startswith(RSS_PREFIX))
+    trace = [line[len("trace: ") :] for line in child.stderr.splitlines() if line.startswith("trace: ")]
+    return {
+        **report,
+        "peak_rss_mb": round(rss_kb / 1024, 1),
+        "process_seconds": round(wall, 3),
+        **({"trace": trace} if trace else {}),  # --variant trace: seconds per statement shape
+    }
 
 
 def rerun(url: str, repeat: int = 3) -> float:
