@@ -128,8 +128,9 @@ def _binds(**extra: Any) -> dict[str, Any]:
 # shutdown, the database system is starting up, too many connections
 _PG_TRANSIENT = {"55P03", "57014", "40P01", "40001", "57P01", "57P02", "57P03", "53300"}
 # lock wait timeout, deadlock, MySQL / MariaDB statement timeouts, connection killed, shutdown in progress,
-# too many connections, cannot connect, server gone away, connection lost
-_MYSQL_TRANSIENT = {1205, 1213, 3024, 1969, 1927, 1053, 1040, 2003, 2006, 2013}
+# too many connections, cannot connect, server gone away, connection lost, and duplicate key: only a batch's
+# plain tag insert can raise it, when someone added one of its rows after its ledger insert (sql._batch)
+_MYSQL_TRANSIENT = {1205, 1213, 3024, 1969, 1927, 1053, 1040, 2003, 2006, 2013, 1062}
 _TRANSIENT_TEXT = (
     "database is locked",
     "database table is locked",
@@ -583,15 +584,8 @@ class _Walk:
             hi = int(hi)
             binds = _binds(lo=cursor, hi=hi, run=self.run_id, now=_now_ns())
             added = 0
-            ids = None
-            if self.sql.lock_rows:  # MySQL: lock the candidates; insert for exactly those
-                ids = conn.execute(sa.text(self.sql.lock_rows), binds).scalars().all()
-                binds["ids"] = ids
-            for statement in self.sql.batch if ids != [] else ():
-                text = sa.text(statement)
-                if ":ids" in statement:
-                    text = text.bindparams(sa.bindparam("ids", expanding=True))
-                added = conn.execute(text, binds).rowcount
+            for statement in self.sql.batch:
+                added = conn.execute(sa.text(statement), binds).rowcount
             conn.execute(
                 runs.update()
                 .where(runs.c.id == self.run_id)

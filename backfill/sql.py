@@ -11,11 +11,11 @@ How each dialect keeps the ledger exact when a live MLflow may insert the same r
   rows this statement really inserted are recorded.
 * SQLite: the batch runs under ``BEGIN IMMEDIATE`` (the database's single write lock), so nobody can
   write between the ledger insert and the tag insert.
-* MySQL family (no ``RETURNING`` in MySQL): the batch first locks the candidate experiments' rows
-  (``FOR UPDATE``). Inserting a tag takes a shared lock on its experiment row through the foreign key, so
-  no other session can add a tag to those experiments until the batch commits (a few hundred
-  milliseconds at most). Values are compared with ``BINARY`` because the default collations ignore case
-  and trailing spaces; MLflow's own filter does the same.
+* MySQL family (no ``RETURNING`` in MySQL): the ledger first, then a plain ``INSERT`` of exactly the
+  ledger's new rows. Should MLflow add one of those rows in between, the plain insert fails with a
+  duplicate key and the whole batch is rolled back and retried (it is then not a candidate any more), so
+  the ledger never claims a row somebody else wrote. Values are compared with ``BINARY`` because the
+  default collations ignore case and trailing spaces; MLflow's own filter does the same.
 
 Every statement takes the same named parameters, so the same text also serves Alembic's offline
 ``--sql`` mode (rendered with literal values).
@@ -49,7 +49,6 @@ class DialectSQL:
     """The statements for one dialect (see :func:`for_dialect`)."""
 
     name: str
-    lock_rows: str | None  # MySQL: locks the batch's candidate experiments and returns their ids (:ids)
     batch: tuple[str, ...]  # one transaction; the last statement's rowcount is the rows inserted
     first_missing: str
     count_from: str
@@ -73,19 +72,17 @@ def _eq(dialect: str, column: str, param: str) -> str:
     return f"BINARY {column} = :{param}" if dialect == "mysql" else f"{column} = :{param}"
 
 
-def _candidates(dialect: str, columns: str, bounded: bool, locked: bool = False, join: bool = False) -> str:
+def _candidates(dialect: str, columns: str, bounded: bool, join: bool = False) -> str:
     """SELECT of the experiments in (lo, hi] that are gateway and have no isGateway row.
 
-    ``join`` brings in the experiment as ``e`` (its creation time goes into the ledger); ``locked`` keeps
-    only the ids the batch locked first (MySQL).
+    ``join`` brings in the experiment as ``e`` (its creation time goes into the ledger).
     """
     k = _q(dialect)
     rng = " AND s.experiment_id > :lo AND s.experiment_id <= :hi" if bounded else ""
-    ids = " AND s.experiment_id IN :ids" if locked else ""
     experiments = " JOIN experiments e ON e.experiment_id = s.experiment_id" if join else ""
     return (
         f"SELECT {columns} FROM experiment_tags s{experiments}"
-        f" WHERE s.{k} = :src AND {_eq(dialect, 's.value', 'gw')}{rng}{ids}"
+        f" WHERE s.{k} = :src AND {_eq(dialect, 's.value', 'gw')}{rng}"
         f" AND NOT EXISTS (SELECT 1 FROM experiment_tags g"
         f" WHERE g.{k} = :isgw AND g.experiment_id = s.experiment_id)"
     )
@@ -95,16 +92,7 @@ _LEDGER_INSERT = f"INSERT INTO {LEDGER_TABLE} (experiment_id, experiment_created
 _LEDGER_COLUMNS = "s.experiment_id, e.creation_time, :run, :now"
 
 
-def _lock_rows(dialect: str, bounded: bool, columns: str = "e.experiment_id") -> str:
-    """MySQL: lock the candidate experiments. A tag insert takes a shared lock on its experiment through
-    the foreign key, so nobody can add an isGateway row to them until the batch commits."""
-    return (
-        f"SELECT {columns} FROM experiments e WHERE e.experiment_id IN"
-        f" ({_candidates(dialect, 's.experiment_id', bounded)}) FOR UPDATE"
-    )
-
-
-def _batch(dialect: str, bounded: bool, locked: bool) -> tuple[str, ...]:
+def _batch(dialect: str, bounded: bool) -> tuple[str, ...]:
     k = _q(dialect)
     rng = " AND r.experiment_id > :lo AND r.experiment_id <= :hi" if bounded else ""
     if dialect == "postgresql":
@@ -131,13 +119,18 @@ def _batch(dialect: str, bounded: bool, locked: bool) -> tuple[str, ...]:
             " run_id = excluded.run_id, inserted_at_ns = excluded.inserted_at_ns",
             f"{from_ledger} ON CONFLICT ({k}, experiment_id) DO NOTHING",
         )
-    return (
-        f"{_LEDGER_INSERT} {_candidates(dialect, _LEDGER_COLUMNS, bounded, locked, join=True)}"
+    ledger_first = (
+        f"{_LEDGER_INSERT} {_candidates(dialect, _LEDGER_COLUMNS, bounded, join=True)}"
         " ON DUPLICATE KEY UPDATE experiment_created = VALUES(experiment_created), run_id = VALUES(run_id),"
-        " inserted_at_ns = VALUES(inserted_at_ns)",
-        # A no-op update rather than INSERT IGNORE, which would also hide real errors.
-        f"{from_ledger} ON DUPLICATE KEY UPDATE experiment_tags.{k} = experiment_tags.{k}",
+        " inserted_at_ns = VALUES(inserted_at_ns)"
     )
+    if bounded:
+        # A plain INSERT: a row that someone added since the ledger insert read is a duplicate-key error,
+        # and the batch is rolled back whole and retried (see job.is_transient).
+        return ledger_first, from_ledger
+    # The offline script: it locks the candidates first (offline_backfill), so nothing can race it; a no-op
+    # update (not INSERT IGNORE, which would hide real errors) keeps a second application harmless.
+    return ledger_first, f"{from_ledger} ON DUPLICATE KEY UPDATE experiment_tags.{k} = experiment_tags.{k}"
 
 
 def _revert(dialect: str, bounded: bool) -> tuple[str, str]:
@@ -178,10 +171,7 @@ def _probe(dialect: str) -> tuple[str, ...]:
         " FROM experiment_tags s WHERE 1 = 0"
     )
     if dialect == "mysql":
-        return (
-            "SELECT experiment_id FROM experiments WHERE 1 = 0 FOR UPDATE",
-            f"{insert} ON DUPLICATE KEY UPDATE experiment_tags.{k} = experiment_tags.{k}",
-        )
+        return (insert,)
     return (f"{insert} ON CONFLICT ({k}, experiment_id) DO NOTHING",)
 
 
@@ -201,8 +191,7 @@ def for_dialect(dialect: str) -> DialectSQL:
     }[dialect]
     return DialectSQL(
         name=dialect,
-        lock_rows=_lock_rows(dialect, bounded=True) if dialect == "mysql" else None,
-        batch=_batch(dialect, bounded=True, locked=dialect == "mysql"),
+        batch=_batch(dialect, bounded=True),
         first_missing=_candidates(dialect, "MIN(s.experiment_id)", bounded=False),
         count_from=f"SELECT COUNT(*) FROM experiment_tags WHERE {k} = :src AND experiment_id > :lo",
         # Keyset: the upper end (and count) of the next n rows of the (key, experiment_id) primary key. No OFFSET.
@@ -230,10 +219,15 @@ def for_dialect(dialect: str) -> DialectSQL:
 
 def offline_backfill(dialect: str) -> tuple[str, ...]:
     """The backfill as one unbounded batch in one transaction, for Alembic's ``--sql`` script (idempotent)."""
-    statements = _batch(dialect, bounded=False, locked=False)
+    statements = _batch(dialect, bounded=False)
     if dialect == "mysql":
-        # One row of output (a count) rather than every locked id; the lock is the same.
-        return ("START TRANSACTION", _lock_rows(dialect, False, "COUNT(*)"), *statements, "COMMIT")
+        # Lock the candidate experiments for the whole script: a tag insert takes a shared lock on its
+        # experiment through the foreign key, so nobody can add an isGateway row to them meanwhile.
+        lock = (
+            "SELECT COUNT(*) FROM experiments e WHERE e.experiment_id IN"
+            f" ({_candidates(dialect, 's.experiment_id', False)}) FOR UPDATE"
+        )
+        return ("START TRANSACTION", lock, *statements, "COMMIT")
     return statements
 
 

@@ -9,6 +9,7 @@ from sqlalchemy import event
 from backfill.db import create_engine, parse_url
 from backfill.job import Backfill, Settings
 from backfill.sql import IS_GATEWAY_KEY as ISGW
+from backfill.sql import LEDGER_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
 from tests.conftest import Db
 
@@ -76,3 +77,31 @@ def test_psycopg_gets_integer_binds(db: Db) -> None:
             )
         )
     assert "experiment_tag_pk" in plan and "Seq Scan" not in plan
+
+
+@pytest.mark.backends("mysql")
+def test_a_row_written_between_ledger_and_insert_is_retried_not_claimed(db: Db) -> None:
+    """MySQL has no RETURNING: a batch writes its ledger, then a plain INSERT of those rows. A writer that adds
+    one of them in between makes that INSERT fail with a duplicate key; the batch is rolled back and retried,
+    and the ledger never claims the other writer's row (so revert leaves it, even though it is identical)."""
+    db.add_experiments([(e, "active", [(SRC, "GATEWAY")]) for e in range(1, 6)])
+    engine = create_engine(parse_url(db.url))
+    raced: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def other_writer(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
+        if raced or not statement.startswith("INSERT INTO experiment_tags") or LEDGER_TABLE not in statement:
+            return
+        with db.engine.begin() as other:  # commits at once: the batch holds no lock that would stop it
+            other.execute(
+                sa.text("INSERT INTO experiment_tags (`key`, value, experiment_id) VALUES (:k, 'true', 3)"), {"k": ISGW}
+            )
+        raced.append(statement)
+
+    job = Backfill(engine, Settings(batch_size=10, adaptive=False))
+    report = job.run()
+    assert raced and report.state == "done" and report.inserted == 4
+    assert {e for e, k, v in db.tags() if k == ISGW and v == "true"} == {1, 2, 3, 4, 5}
+    assert {row[0] for row in db.table(LEDGER_TABLE)} == {1, 2, 4, 5}
+    job.revert()
+    assert {e for e, k, _ in db.tags() if k == ISGW} == {3}

@@ -65,7 +65,7 @@ class Blocker:
             self.conn.execute(
                 sa.text("INSERT INTO experiment_tags (key, value, experiment_id) VALUES (:k, 'x', 100005)"), {"k": ISGW}
             )
-        else:  # the experiment row a MySQL batch locks first
+        else:  # the experiment row: a MySQL tag insert takes a shared lock on it through the foreign key
             self.conn.execute(sa.text("SELECT * FROM experiments WHERE experiment_id = 100005 FOR UPDATE"))
 
     def release(self) -> None:
@@ -375,8 +375,8 @@ def test_the_documented_privileges_are_enough(db: Db) -> None:
             metadata.create_all(conn)
             for grant in (
                 f"CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'",
-                f"GRANT SELECT, UPDATE ON `{database}`.experiments TO '{name}'@'%'",
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{database}`.experiment_tags TO '{name}'@'%'",
+                f"GRANT SELECT ON `{database}`.experiments TO '{name}'@'%'",
+                f"GRANT SELECT, INSERT, DELETE ON `{database}`.experiment_tags TO '{name}'@'%'",
                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{database}`.{RUNS_TABLE} TO '{name}'@'%'",
                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{database}`.{LEDGER_TABLE} TO '{name}'@'%'",
             ):
