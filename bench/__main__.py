@@ -17,7 +17,7 @@ from bench.servers import BACKENDS, servers
 from bench.suite import Plan, bench_size
 
 HERE = Path(__file__).resolve().parent
-SWEEP = "250,500,1000,2000,5000,10000,20000"
+SWEEP = "250,500,1000,2000,5000,10000,20000,50000"
 
 
 def _ints(text: str) -> list[int]:
@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", type=_backends, default=",".join(BACKENDS), help="comma-separated subset of backends")
     p.add_argument("--sizes", type=_ints, default="100000,1000000", help="experiments per database, comma-separated")
     p.add_argument(
-        "--sweep-size", type=int, default=100_000, help="experiments for the fixed-batch-size sweep (0: none)"
+        "--sweep-size", type=int, default=1_000_000, help="experiments for the fixed-batch-size sweep (0: none)"
     )
     p.add_argument(
         "--sweep-batch-sizes", type=_ints, default=SWEEP, help="fixed batch sizes of the sweep, comma-separated"

@@ -1,8 +1,10 @@
 """Prototype changes to the backfill package, measured by the benchmark before they are proposed.
 
 Each variant patches :mod:`backfill` in the process that runs it (bench.child applies it before the CLI
-starts), so a proposal is measured through exactly the code path users run. The proposed diffs for
-backfill/ are in the benchmark's report; ``trace`` is a profiling aid, not a proposal.
+starts), so a proposal is measured through exactly the code path users run. ``trace`` is a profiling aid
+(seconds per statement shape, in the results' ``runs[].trace``); ``pg-batch-ledger`` is the rejected
+cheaper ledger the README's benchmark section discusses. Comma-separate names to combine them:
+``python -m bench --variant trace,pg-batch-ledger --backends postgresql``.
 """
 
 from __future__ import annotations
@@ -68,66 +70,6 @@ def trace() -> None:
             print(f"trace: {seconds:8.3f}s {count:5d}x  {statement}", file=sys.stderr)
 
     atexit.register(report)
-
-
-@variant
-def mariadb_returning() -> None:
-    """MariaDB (10.5+): one ``INSERT IGNORE ... SELECT ... RETURNING`` per batch instead of lock + ledger + insert.
-
-    RETURNING lists exactly the rows this statement inserted (an ignored duplicate is not returned), so the
-    ledger stays exact without locking the experiments first, and the anti-join runs once per batch, not twice.
-    IGNORE can only skip a duplicate (wanted) or a foreign-key miss (an experiment removed meanwhile: then
-    nothing was inserted and nothing is recorded); the values are constants that fit their columns.
-    MySQL 8 has no RETURNING and keeps the locking path.
-    """
-    import sqlalchemy as sa
-
-    from backfill import job, sql
-
-    original_step = job._Walk._step
-    k = "`key`"
-
-    def step(self: job._Walk, cursor: int) -> tuple[int, int, int, float] | None:
-        conn = self.conn
-        dialect = conn.dialect
-        if not (dialect.name == "mysql" and dialect.is_mariadb and dialect.server_version_info >= (10, 5)):
-            return original_step(self, cursor)
-        self.lock.ensure()
-        t0 = time.monotonic()
-        with job._write_transaction(conn):
-            self.job._per_transaction(conn)
-            hi, scanned = conn.execute(sa.text(self.sql.next_bound), job._binds(lo=cursor, n=self.size)).one()
-            if hi is None:
-                return None
-            hi = int(hi)
-            binds = job._binds(lo=cursor, hi=hi, run=self.run_id, now=job._now_ns())
-            insert = (
-                f"INSERT IGNORE INTO experiment_tags ({k}, value, experiment_id)"
-                f" {sql._candidates('mysql', ':isgw, :tv, s.experiment_id', True)} RETURNING experiment_id"
-            )
-            ids = conn.execute(sa.text(insert), binds).scalars().all()
-            if ids:
-                ledger = (
-                    f"{sql._LEDGER_INSERT} SELECT e.experiment_id, e.creation_time, :run, :now FROM experiments e"
-                    " WHERE e.experiment_id > :lo AND e.experiment_id <= :hi AND e.experiment_id IN :ids"
-                    " ON DUPLICATE KEY UPDATE experiment_created = VALUES(experiment_created), run_id = VALUES(run_id),"
-                    " inserted_at_ns = VALUES(inserted_at_ns)"
-                )
-                statement = sa.text(ledger).bindparams(sa.bindparam("ids", expanding=True))
-                conn.execute(statement, {**binds, "ids": ids})
-            conn.execute(
-                job.runs.update()
-                .where(job.runs.c.id == self.run_id)
-                .values(
-                    last_id=hi,
-                    batches=job.runs.c.batches + 1,
-                    inserted=job.runs.c.inserted + len(ids),
-                    updated_at_ns=job._now_ns(),
-                )
-            )
-        return hi, int(scanned), len(ids), time.monotonic() - t0
-
-    job._Walk._step = step  # type: ignore[method-assign]
 
 
 @variant
