@@ -43,13 +43,15 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(BIN)/.installed  ## 100k and 1M experiments on every backend (see README)
-	$(BIN)/pip install -q -e '.[test,bench]'
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(BIN)/.bench-installed  ## 100k and 1M experiments on every backend (see README)
 	scripts/provision-tests.sh
 	$(BIN)/python -m bench
 
-bench-quick: $(BIN)/.installed  ## small sizes, for development
-	$(BIN)/pip install -q -e '.[test,bench]'
+bench-quick: $(BIN)/.bench-installed  ## small sizes, for development
 	scripts/provision-tests.sh
 	$(BIN)/python -m bench --quick
 

@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
             "on a sample, extrapolated (c); the no-op rerun (d) and verify (e) against one anti-join count; "
             "peak RSS and batch times; a fixed-batch-size sweep. Prints a table, writes JSON and a PNG plot."
         ),
-        epilog="Headline ratios are taken at the largest size; `make bench` runs the defaults (about 20 min "
+        epilog="Headline ratios are taken at the largest size; `make bench` runs the defaults (about 12 min "
         "on 2 cores), `make bench-quick` runs --quick (about 2 min). Timings are noisy: compare ratios.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
