@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import signal
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -14,29 +15,82 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from backfill import __version__
-from backfill.db import BackfillError, ExitCode, Timeouts, create_engine, display, parse_url, resolve_url
-from backfill.job import DEFAULT_BATCH_SIZE, Backfill, Settings
+from backfill import __version__, signals
+from backfill.connect import create_engine
+from backfill.errors import BackfillError, ExitCode
+from backfill.job import Backfill
+from backfill.retry import MAX_SECONDS, Timeouts
+from backfill.urls import display, parse_url, resolve_url
+from backfill.walk import DEFAULT_BATCH_SIZE, Settings
+
+MAX_BATCH = 1_000_000
 
 EXIT_CODES = """\b
 Exit codes:
   0  success (verify: nothing missing)
   1  verify: gateway experiments lack the isGateway tag
   2  bad option, malformed or unsupported database URL
-  3  cannot connect or log in to the database
-  4  not an MLflow database (no experiments / experiment_tags table)
+  3  cannot connect or log in, or the server stopped answering
+  4  not an MLflow database, or not the MLflow schema this tool knows
   5  the database user lacks a privilege the command needs
-  6  another run or revert holds the lock on this database
-  7  stopped early (signal, timeouts, retries used up): nothing is
-     half-written, run again to resume"""
+  6  another run, revert or alembic upgrade holds the lock
+  7  stopped early (signal, timeouts, retries used up, database
+     error): nothing is half-written; the same command again
+     goes on where it stopped"""
+
+
+class Seconds(click.ParamType):
+    """A finite duration in seconds within bounds (``nan``, ``inf`` and ``1e10`` are refused)."""
+
+    name = "SECONDS"
+
+    def __init__(self, low: float, high: float = MAX_SECONDS) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or not self.low <= seconds <= self.high:
+            self.fail(f"{value!r} is not between {self.low:g} and {self.high:g} seconds", param, ctx)
+        return seconds
+
+
+# The run's tunables: the CLI's options and Alembic's ``-x KEY=VALUE`` share names, ranges and defaults.
+TUNABLES: dict[str, click.ParamType] = {
+    "batch-size": click.IntRange(1, MAX_BATCH),
+    "sleep": Seconds(0),
+    "max-rows-per-second": Seconds(0.001, 1e9),
+    "retries": click.IntRange(0, 100),
+    "lock-timeout": Seconds(0.01),
+    "statement-timeout": Seconds(0.1),
+    "connect-timeout": Seconds(1, 3600),
+}
+
+
+def settings_from(values: dict[str, Any]) -> Settings:
+    """Settings (and their Timeouts) from tunables already converted, keyed by TUNABLES' names."""
+    timeouts = Timeouts(
+        lock=values.get("lock-timeout", Timeouts.lock),
+        statement=values.get("statement-timeout", Timeouts.statement),
+        connect=values.get("connect-timeout", Timeouts.connect),
+        retries=values.get("retries", Timeouts.retries),
+    )
+    return Settings(
+        batch_size=values.get("batch-size", Settings.batch_size),
+        sleep=values.get("sleep", Settings.sleep),
+        max_rows_per_second=values.get("max-rows-per-second"),
+        timeouts=timeouts,
+    )
 
 
 def database_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--database-url",
         metavar="URL",
-        help="SQLAlchemy URL of the MLflow database. Default: $DATABASE_URL, else $MLFLOW_TRACKING_URI "
-        "when it is a database URI, else sqlite:///mlflow.db.",
+        help="SQLAlchemy URL of the MLflow database. Default: $DATABASE_URL, else $MLFLOW_BACKEND_STORE_URI, "
+        "else $MLFLOW_TRACKING_URI when it is a database URI, else sqlite:///mlflow.db.",
     )(func)
 
 
@@ -44,27 +98,38 @@ def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")(func)
 
 
+def retries_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--retries",
+        type=TUNABLES["retries"],
+        default=Timeouts.retries,
+        show_default=True,
+        help="Retries of a step that hit a timeout, deadlock or lost connection (a batch is halved each time).",
+    )(func)
+
+
 def timeout_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
         "--connect-timeout",
-        type=click.FloatRange(min=1),
+        type=TUNABLES["connect-timeout"],
         default=Timeouts.connect,
         show_default=True,
-        help="Seconds to wait for a connection to the database.",
+        help="Seconds to wait for a connection (TCP, TLS and log-in).",
     )(func)
     func = click.option(
         "--statement-timeout",
-        type=click.FloatRange(min=0.1),
+        type=TUNABLES["statement-timeout"],
         default=Timeouts.statement,
         show_default=True,
-        help="Seconds any one statement may run (PostgreSQL, MySQL family; SQLite has no such limit).",
+        help="Seconds any one statement may run; the server is asked to enforce it and the client gives "
+        "up on a server that stops answering shortly after.",
     )(func)
     return click.option(
         "--lock-timeout",
-        type=click.FloatRange(min=0.01),
+        type=TUNABLES["lock-timeout"],
         default=Timeouts.lock,
         show_default=True,
-        help="Seconds a batch may wait for a row lock held by MLflow before it is retried smaller.",
+        help="Seconds a statement may wait for a lock held by MLflow before the batch is retried smaller.",
     )(func)
 
 
@@ -87,10 +152,9 @@ def cli() -> None:
     """
 
 
-def _engine(database_url: str | None, timeouts: Timeouts | None = None) -> Backfill:
-    timeouts = timeouts or Timeouts()
-    url = parse_url(resolve_url(database_url))
-    return Backfill(create_engine(url, timeouts), Settings(timeouts=timeouts))
+def _job(database_url: str | None, timeouts: Timeouts, read_only: bool = False) -> Backfill:
+    url = parse_url(resolve_url(database_url).url)
+    return Backfill(create_engine(url, timeouts, read_only=read_only), Settings(timeouts=timeouts))
 
 
 def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
@@ -105,34 +169,28 @@ def _errors() -> Iterator[None]:
     except BackfillError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(int(exc.code))
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted; nothing is half-written, run again to resume", err=True)
+    except KeyboardInterrupt:  # a signal while nothing was being written (see signals.py)
+        click.echo("Error: interrupted; nothing was left half-written", err=True)
+        sys.exit(int(ExitCode.STOPPED))
+    except click.exceptions.Exit:
+        raise
+    except Exception as exc:
+        if os.environ.get("MGB_TRACEBACK"):
+            raise
+        name = type(exc).__name__
+        click.echo(
+            f"Error: unexpected {name} (a bug: please report it; MGB_TRACEBACK=1 shows where); "
+            "nothing was left half-written",
+            err=True,
+        )
         sys.exit(int(ExitCode.STOPPED))
 
 
-class _Stop:
-    """SIGINT / SIGTERM ask the run to stop after the batch in flight; a second SIGINT stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        click.echo(f"\n{signal.Signals(signum).name}: stopping after the current batch", err=True)
-
-    @contextmanager
-    def installed(self) -> Iterator[_Stop]:
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+@contextmanager
+def _read_only_command() -> Iterator[None]:
+    """Errors as one line; any signal ends a read-only command at once (nothing to finish)."""
+    with _errors(), signals.handled(immediate=True):
+        yield
 
 
 class _Bar:
@@ -178,37 +236,31 @@ class _Bar:
 @database_option
 @click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=TUNABLES["batch-size"],
     default=DEFAULT_BATCH_SIZE,
     show_default=True,
     help="Experiments per batch to start with (adapted to --target-batch-seconds).",
 )
-@click.option("--min-batch-size", type=click.IntRange(min=1), default=Settings.min_batch_size, show_default=True)
-@click.option("--max-batch-size", type=click.IntRange(min=1), default=Settings.max_batch_size, show_default=True)
+@click.option("--min-batch-size", type=click.IntRange(1, MAX_BATCH), default=Settings.min_batch_size, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(1, MAX_BATCH), default=Settings.max_batch_size, show_default=True)
 @click.option(
     "--target-batch-seconds",
-    type=click.FloatRange(min=0.001),
+    type=Seconds(0.001, 3600),
     default=Settings.target_batch_seconds,
     show_default=True,
     help="Time each batch transaction aims at; batches grow or shrink toward it.",
 )
 @click.option("--fixed", is_flag=True, help="Keep --batch-size as given (no adapting); retries still halve it.")
 @click.option(
-    "--sleep", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds to pause between batches."
+    "--sleep", type=TUNABLES["sleep"], default=0.0, show_default=True, help="Seconds to pause between batches."
 )
 @click.option(
     "--max-rows-per-second",
-    type=click.FloatRange(min=0.001),
+    type=TUNABLES["max-rows-per-second"],
     default=None,
     help="Ceiling on experiments examined per second.",
 )
-@click.option(
-    "--retries",
-    type=click.IntRange(min=0),
-    default=Settings.retries,
-    show_default=True,
-    help="Retries of a batch that hit a timeout, deadlock or lost connection (each one halves it).",
-)
+@retries_option
 @timeout_options
 @click.option("--dry-run", is_flag=True, help="Count what would be inserted; write nothing (read-only user is fine).")
 @json_option
@@ -233,7 +285,8 @@ def run(
     """Insert the missing isGateway tags, in batches; resumes an interrupted run.
 
     Idempotent: a second run finds nothing to do and says so. Every inserted row is recorded in the
-    table gateway_backfill_rows so that `revert` can remove exactly those rows.
+    table gateway_backfill_rows so that `revert` can remove exactly those rows. SIGINT or SIGTERM stops
+    it after the batch in flight (exit 7); `run` again resumes.
 
     \b
     Examples:
@@ -241,11 +294,19 @@ def run(
       mlflow-gateway-backfill run --database-url postgresql://mlflow@db/mlflow --sleep 0.1
       mlflow-gateway-backfill run --max-rows-per-second 5000 --lock-timeout 0.5 --json
     """
-    with _errors():
+    if dry_run:
+        with _read_only_command():
+            timeouts = Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout)
+            job = _job(database_url, timeouts, read_only=True)
+            report = job.run(dry_run=True)
+            where = display(job.engine.url)
+            _emit(as_json, report.summary(), f"dry run on {where}: would insert {report.would_insert} isGateway tags")
+        return
+    with _errors(), signals.handled() as stop:
         if min_batch_size > max_batch_size:
             raise BackfillError("--min-batch-size is larger than --max-batch-size", ExitCode.USAGE)
-        timeouts = Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout)
-        job = _engine(database_url, timeouts)
+        timeouts = Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout, retries=retries)
+        job = _job(database_url, timeouts)
         job.settings = Settings(
             batch_size=min(max(batch_size, min_batch_size), max_batch_size) if not fixed else batch_size,
             min_batch_size=min(min_batch_size, batch_size),
@@ -253,18 +314,12 @@ def run(
             target_batch_seconds=target_batch_seconds,
             sleep=sleep,
             max_rows_per_second=max_rows_per_second,
-            retries=retries,
             adaptive=not fixed,
             timeouts=timeouts,
         )
-        where = display(job.engine.url)
-        if dry_run:
-            report = job.run(dry_run=True)
-            _emit(as_json, report.summary(), f"dry run on {where}: would insert {report.would_insert} isGateway tags")
-            return
         bar = _Bar(enabled=not quiet and not (as_json and not sys.stderr.isatty()))
-        with _Stop().installed() as stop:
-            report = job.run(progress=bar, should_stop=stop)
+        report = job.run(progress=bar, should_stop=stop)
+        where = display(job.engine.url)
         if report.inserted:
             text = (
                 f"inserted {report.inserted} isGateway tags on {where} in {report.batches} batches "
@@ -277,16 +332,20 @@ def run(
 
 @cli.command()
 @database_option
+@timeout_options
 @json_option
-def status(database_url: str | None, as_json: bool) -> None:
+def status(
+    database_url: str | None, lock_timeout: float, statement_timeout: float, connect_timeout: float, as_json: bool
+) -> None:
     """Count gateway experiments: tagged, missing, conflicting, inserted by this tool. Read-only.
 
     \b
     Example:
       mlflow-gateway-backfill status --database-url mysql://mlflow@db/mlflow --json
     """
-    with _errors():
-        st = _engine(database_url).status()
+    with _read_only_command():
+        timeouts = Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout)
+        st = _job(database_url, timeouts, read_only=True).status()
         last = st.last_run
         lines = [
             f"gateway experiments:       {st.gateway} ({st.deleted} deleted)",
@@ -295,6 +354,8 @@ def status(database_url: str | None, as_json: bool) -> None:
             f"  isGateway not 'true':    {st.conflicts}  (left as they are)",
             f"rows inserted by this tool: {st.inserted_by_backfill}",
         ]
+        if st.orphans:
+            lines.append(f"orphan gateway tags:       {st.orphans}  (their experiment is gone; ignored)")
         if last:
             lines.append(
                 f"last run: {last['id']} {last['state']}, {last['inserted']} inserted, cursor {last['last_id']}"
@@ -304,35 +365,63 @@ def status(database_url: str | None, as_json: bool) -> None:
 
 @cli.command()
 @database_option
+@timeout_options
 @json_option
-def verify(database_url: str | None, as_json: bool) -> None:
+def verify(
+    database_url: str | None, lock_timeout: float, statement_timeout: float, connect_timeout: float, as_json: bool
+) -> None:
     """Exit 0 when every gateway experiment has isGateway, 1 otherwise. Read-only; for CI and monitoring.
 
     \b
     Example:
       mlflow-gateway-backfill verify || mlflow-gateway-backfill run
     """
-    with _errors():
-        st = _engine(database_url).status()
-        ok = st.missing == 0
+    with _read_only_command():
+        timeouts = Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout)
+        missing = _job(database_url, timeouts, read_only=True).missing()
         _emit(
             as_json,
-            {"ok": ok, "missing": st.missing, "gateway": st.gateway, "conflicts": st.conflicts},
-            f"ok: all {st.gateway} gateway experiments carry isGateway"
-            if ok
-            else f"missing: {st.missing} of {st.gateway} gateway experiments lack isGateway",
+            {"ok": missing == 0, "missing": missing},
+            "ok: every gateway experiment carries isGateway"
+            if missing == 0
+            else f"missing: {missing} gateway experiments lack isGateway",
         )
-        if not ok:
-            sys.exit(int(ExitCode.MISSING))
+    if missing:
+        sys.exit(int(ExitCode.MISSING))
+
+
+def _confirm(prompt: str) -> bool:
+    """Ask on the terminal. Ctrl-D (or anything but yes) declines; Ctrl-C or SIGTERM interrupts (exit 7)."""
+    with signals.handled(immediate=True):
+        try:
+            answer = input(f"{prompt} [y/N]: ")
+        except EOFError:
+            click.echo("")
+            return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 @cli.command()
 @database_option
+@click.option(
+    "--batch-size",
+    type=TUNABLES["batch-size"],
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="Ledger rows per batch.",
+)
+@click.option(
+    "--sleep", type=TUNABLES["sleep"], default=0.0, show_default=True, help="Seconds to pause between batches."
+)
+@retries_option
 @timeout_options
 @json_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (implied when stdin is not a terminal).")
 def revert(
     database_url: str | None,
+    batch_size: int,
+    sleep: float,
+    retries: int,
     lock_timeout: float,
     statement_timeout: float,
     connect_timeout: float,
@@ -342,20 +431,29 @@ def revert(
     """Remove exactly the isGateway rows this tool inserted (per its ledger), in batches.
 
     Rows that MLflow or a user wrote are never touched, even identical ones; a row whose value was
-    changed since it was inserted is left alone too.
+    changed since it was inserted is left alone too. SIGINT or SIGTERM stops it after the batch in
+    flight (exit 7); `revert` again removes the rest.
 
     \b
     Example:
       mlflow-gateway-backfill revert --database-url sqlite:///mlflow.db --yes
     """
     with _errors():
-        job = _engine(database_url, Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout))
+        timeouts = Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout, retries=retries)
+        job = _job(database_url, timeouts)
+        job.settings = Settings(batch_size=batch_size, sleep=sleep, timeouts=timeouts)
         prompt = f"Remove the isGateway tags this tool inserted on {display(job.engine.url)}?"
-        if not yes and sys.stdin.isatty() and not click.confirm(prompt):
-            click.echo("nothing removed")
-            return
-        removed = job.revert()
-        _emit(as_json, {"removed": removed}, f"removed {removed} isGateway tags inserted by this tool")
+        if not yes and sys.stdin.isatty():
+            try:
+                confirmed = _confirm(prompt)
+            except KeyboardInterrupt:
+                raise BackfillError("interrupted at the prompt: nothing removed", ExitCode.STOPPED) from None
+            if not confirmed:
+                click.echo("nothing removed")
+                return
+        with signals.handled() as stop:
+            report = job.revert(should_stop=stop)
+        _emit(as_json, asdict(report), f"removed {report.removed} isGateway tags inserted by this tool")
 
 
 def main() -> None:

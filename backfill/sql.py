@@ -1,24 +1,34 @@
 """Every SQL statement the project runs, for every dialect, in one place.
 
-The rule: each experiment with an ``experiment_tags`` row (``mlflow.experiment.sourceType``, exactly
-``GATEWAY``) gets the row (``mlflow.experiment.isGateway``, ``true``) unless it already has an isGateway
-row of any value. Each inserted row is also recorded in the project's ledger table, in the same
-transaction, so that ``revert`` removes exactly what this project wrote.
+The rule: an experiment is *missing* the tag when its ``experiments`` row exists, it has an
+``experiment_tags`` row (``mlflow.experiment.sourceType``, exactly ``GATEWAY``), and it has no
+``mlflow.experiment.isGateway`` row of any value. ``run``, ``status``, ``verify``, the end-of-pass check
+and the offline script all use :func:`_missing` for it. An orphan tag row (its experiment is gone;
+SQLite does not enforce MLflow's foreign keys) is never missing: there is no experiment to tag.
 
-How each dialect keeps the ledger exact when a live MLflow may insert the same row meanwhile:
+Each inserted row is recorded in the project's ledger, in the same transaction, so that ``revert``
+removes exactly what this project wrote. How each dialect keeps the ledger exact when a live MLflow may
+insert the same row meanwhile:
 
 * PostgreSQL: one statement; ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` feeds the ledger, so only
   rows this statement really inserted are recorded.
 * SQLite: the batch runs under ``BEGIN IMMEDIATE`` (the database's single write lock), so nobody can
   write between the ledger insert and the tag insert.
-* MySQL family (no ``RETURNING`` in MySQL): the ledger first, then a plain ``INSERT`` of exactly the
-  ledger's new rows. Should MLflow add one of those rows in between, the plain insert fails with a
-  duplicate key and the whole batch is rolled back and retried (it is then not a candidate any more), so
-  the ledger never claims a row somebody else wrote. Values are compared with ``BINARY`` because the
-  default collations ignore case and trailing spaces; MLflow's own filter does the same.
+* MySQL family (no ``RETURNING``): the ledger first, then a plain ``INSERT`` of exactly the ledger's new
+  rows. Should MLflow add one of those rows in between, the plain insert fails with a duplicate key and
+  the whole batch is rolled back and retried (it is then not a candidate any more), so the ledger never
+  claims a row somebody else wrote.
 
-Every statement takes the same named parameters, so the same text also serves Alembic's offline
-``--sql`` mode (rendered with literal values).
+Exact matching on the MySQL family, whose default collations ignore case (MariaDB's also trailing
+spaces, MySQL 8+'s ``utf8mb4_0900_ai_ci`` accents): ``CAST(col AS BINARY) = :v`` next to the collation's
+``col = :v`` (which keeps the primary-key range scan). Neither ``BINARY col`` nor ``VALUES()`` is used:
+MySQL 9 deprecates both. The isGateway key itself is matched by the collation, as the primary key does:
+a row whose key differs only in case already occupies the slot our row would take.
+
+Every statement names its tables with the schema of the MLflow tables it works on (PostgreSQL: the
+schema ``experiment_tags`` resolves to; see ``schema.py``) and takes the same named parameters, so the
+same text also serves Alembic's offline ``--sql`` mode (rendered with literal values). Keyset ranges are
+inclusive (``experiment_id >= :lo AND experiment_id <= :hi``), so any 64-bit id can start or end one.
 """
 
 from __future__ import annotations
@@ -35,202 +45,223 @@ RUNS_TABLE = "gateway_backfill_runs"
 LEDGER_TABLE = "gateway_backfill_rows"
 VERSION_TABLE = "alembic_version_gateway_backfill"
 LOCK_NAME = "mlflow_gateway_backfill"
-# pg_try_advisory_lock takes a bigint: a stable 63-bit number derived from the lock's name.
-PG_LOCK_KEY = int.from_bytes(hashlib.sha256(LOCK_NAME.encode()).digest()[:8], "big") >> 1
 
 # Names bound by every statement below (besides :lo, :hi, :n, :run, :now).
 CONSTANTS = {"src": SOURCE_TYPE_KEY, "isgw": IS_GATEWAY_KEY, "gw": GATEWAY, "tv": TRUE}
 
-SUPPORTED = ("sqlite", "postgresql", "mysql")
-
 
 @dataclass(frozen=True)
 class DialectSQL:
-    """The statements for one dialect (see :func:`for_dialect`)."""
+    """The statements for one dialect and schema (see :func:`statements`)."""
 
     name: str
+    begin_write: str  # starts a batch's transaction (SQLite: takes the write lock at once)
     batch: tuple[str, ...]  # one transaction; the last statement's rowcount is the rows inserted
-    first_missing: str
-    count_from: str
-    next_bound: str
-    status: str
+    first_missing: str  # the lowest experiment id that is missing the tag, or NULL
+    next_bound: str  # the upper end and count of the next :n sourceType rows from :lo
+    count_from: str  # sourceType rows from :lo (the progress bar's total)
+    missing: str  # how many experiments are missing the tag (verify, dry run)
+    status: str  # gateway, deleted, tagged, missing, conflicts, orphans
     revert_bound: str
     revert: tuple[str, str]  # tag rows, then ledger rows, of one keyset range of the ledger
-    probe: tuple[str, ...]  # writes nothing; fails at once when the user lacks a privilege `run` needs
-    lock: str | None  # session-level single-runner lock (None: SQLite uses the runs table)
-    unlock: str | None
-    per_transaction: str | None  # run at the start of every transaction on PostgreSQL
+    probe_run: tuple[str, ...]  # write nothing; fail at once when the user lacks a privilege `run` needs
+    probe_revert: tuple[str, ...]
 
 
-def _q(dialect: str) -> str:
+@dataclass(frozen=True)
+class Names:
+    """Qualified, quoted table names (``"mlf".experiment_tags`` on PostgreSQL; plain elsewhere)."""
+
+    tags: str
+    experiments: str
+    runs: str
+    ledger: str
+
+    @classmethod
+    def in_schema(cls, prefix: str = "") -> Names:
+        return cls(
+            f"{prefix}experiment_tags", f"{prefix}experiments", f"{prefix}{RUNS_TABLE}", f"{prefix}{LEDGER_TABLE}"
+        )
+
+
+def _key(dialect: str) -> str:
     """How the ``key`` column is written (a reserved word in MySQL)."""
     return "`key`" if dialect == "mysql" else "key"
 
 
-def _eq(dialect: str, column: str, param: str) -> str:
-    """Exact, case- and space-sensitive equality of a column with a parameter."""
-    return f"BINARY {column} = :{param}" if dialect == "mysql" else f"{column} = :{param}"
+def _exact(dialect: str, column: str, param: str) -> str:
+    """Equality that is exact (case, accents, trailing spaces) and still uses the column's index."""
+    if dialect == "mysql":
+        return f"{column} = :{param} AND CAST({column} AS BINARY) = :{param}"
+    return f"{column} = :{param}"
 
 
-def _candidates(dialect: str, columns: str, bounded: bool, join: bool = False) -> str:
-    """SELECT of the experiments in (lo, hi] that are gateway and have no isGateway row.
+def _range(column: str, bounded: bool) -> str:
+    return f" AND {column} >= :lo AND {column} <= :hi" if bounded else ""
 
-    ``join`` brings in the experiment as ``e`` (its creation time goes into the ledger).
-    """
-    k = _q(dialect)
-    rng = " AND s.experiment_id > :lo AND s.experiment_id <= :hi" if bounded else ""
-    experiments = " JOIN experiments e ON e.experiment_id = s.experiment_id" if join else ""
+
+def _missing(dialect: str, t: Names, columns: str, bounded: bool) -> str:
+    """SELECT ``columns`` of the experiments missing the tag (in [lo, hi] when ``bounded``); the gateway
+    tag row is ``s``, its experiment ``e``. The isGateway lookup is bounded to the same range, so a
+    planner that misjudges how many isGateway rows exist cannot make it scan more than the batch."""
+    k = _key(dialect)
     return (
-        f"SELECT {columns} FROM experiment_tags s{experiments}"
-        f" WHERE s.{k} = :src AND {_eq(dialect, 's.value', 'gw')}{rng}"
-        f" AND NOT EXISTS (SELECT 1 FROM experiment_tags g"
-        f" WHERE g.{k} = :isgw AND g.experiment_id = s.experiment_id)"
+        f"SELECT {columns} FROM {t.tags} s JOIN {t.experiments} e ON e.experiment_id = s.experiment_id"
+        f" WHERE {_exact(dialect, f's.{k}', 'src')} AND {_exact(dialect, 's.value', 'gw')}"
+        f"{_range('s.experiment_id', bounded)}"
+        f" AND NOT EXISTS (SELECT 1 FROM {t.tags} g WHERE g.{k} = :isgw AND g.experiment_id = s.experiment_id"
+        f"{_range('g.experiment_id', bounded)})"
     )
 
 
-_LEDGER_INSERT = f"INSERT INTO {LEDGER_TABLE} (experiment_id, experiment_created, run_id, inserted_at_ns)"
-_LEDGER_COLUMNS = "s.experiment_id, e.creation_time, :run, :now"
+def _ledger_insert(t: Names) -> str:
+    return f"INSERT INTO {t.ledger} (experiment_id, experiment_created, run_id, inserted_at_ns)"
 
 
-def _batch(dialect: str, bounded: bool) -> tuple[str, ...]:
-    k = _q(dialect)
-    rng = " AND r.experiment_id > :lo AND r.experiment_id <= :hi" if bounded else ""
+def _batch(dialect: str, t: Names, bounded: bool) -> tuple[str, ...]:
+    k = _key(dialect)
     if dialect == "postgresql":
         return (
-            f"WITH ins AS (INSERT INTO experiment_tags ({k}, value, experiment_id)"
+            f"WITH ins AS (INSERT INTO {t.tags} ({k}, value, experiment_id)"
             # psycopg 3 sends typed parameters: one parameter must not be text here and varchar below.
-            f" {_candidates(dialect, 'CAST(:isgw AS VARCHAR), CAST(:tv AS VARCHAR), s.experiment_id', bounded)}"
+            f" {_missing(dialect, t, 'CAST(:isgw AS VARCHAR), CAST(:tv AS VARCHAR), s.experiment_id', bounded)}"
             f" ON CONFLICT ({k}, experiment_id) DO NOTHING RETURNING experiment_id)"
-            f" {_LEDGER_INSERT} SELECT ins.experiment_id, e.creation_time, :run, :now"
-            " FROM ins JOIN experiments e ON e.experiment_id = ins.experiment_id"
+            f" {_ledger_insert(t)} SELECT ins.experiment_id, e.creation_time, :run, :now"
+            f" FROM ins JOIN {t.experiments} e ON e.experiment_id = ins.experiment_id"
             " ON CONFLICT (experiment_id) DO UPDATE SET experiment_created = EXCLUDED.experiment_created,"
             " run_id = EXCLUDED.run_id, inserted_at_ns = EXCLUDED.inserted_at_ns",
         )
     # The ledger first, then exactly the ledger rows of this batch (the timestamp identifies it) as tags.
+    ledger_first = (
+        f"{_ledger_insert(t)} {_missing(dialect, t, 's.experiment_id, e.creation_time, :run, :now', bounded)}"
+    )
     from_ledger = (
-        f"INSERT INTO experiment_tags ({k}, value, experiment_id)"
-        f" SELECT :isgw, :tv, r.experiment_id FROM {LEDGER_TABLE} r"
-        f" WHERE r.inserted_at_ns = :now{rng}"
+        f"INSERT INTO {t.tags} ({k}, value, experiment_id) SELECT :isgw, :tv, r.experiment_id FROM {t.ledger} r"
+        f" WHERE r.inserted_at_ns = :now{_range('r.experiment_id', bounded)}"
     )
     if dialect == "sqlite":
         return (
-            f"{_LEDGER_INSERT} {_candidates(dialect, _LEDGER_COLUMNS, bounded, join=True)}"
-            " ON CONFLICT (experiment_id) DO UPDATE SET experiment_created = excluded.experiment_created,"
-            " run_id = excluded.run_id, inserted_at_ns = excluded.inserted_at_ns",
+            f"{ledger_first} ON CONFLICT (experiment_id) DO UPDATE SET experiment_created ="
+            " excluded.experiment_created, run_id = excluded.run_id, inserted_at_ns = excluded.inserted_at_ns",
             f"{from_ledger} ON CONFLICT ({k}, experiment_id) DO NOTHING",
         )
-    ledger_first = (
-        f"{_LEDGER_INSERT} {_candidates(dialect, _LEDGER_COLUMNS, bounded, join=True)}"
-        " ON DUPLICATE KEY UPDATE experiment_created = VALUES(experiment_created), run_id = VALUES(run_id),"
-        " inserted_at_ns = VALUES(inserted_at_ns)"
+    # A ledger row of an earlier run whose tag has gone since is this batch's now (no VALUES(): MySQL 9
+    # deprecates it; the SELECT's own columns and the parameters say the same).
+    ledger_first += (
+        " ON DUPLICATE KEY UPDATE experiment_created = e.creation_time, run_id = :run, inserted_at_ns = :now"
     )
     if bounded:
         # A plain INSERT: a row that someone added since the ledger insert read is a duplicate-key error,
-        # and the batch is rolled back whole and retried (see job.is_transient).
+        # and the batch is rolled back whole and retried (see retry.is_transient).
         return ledger_first, from_ledger
     # The offline script: it locks the candidates first (offline_backfill), so nothing can race it; a no-op
     # update (not INSERT IGNORE, which would hide real errors) keeps a second application harmless.
-    return ledger_first, f"{from_ledger} ON DUPLICATE KEY UPDATE experiment_tags.{k} = experiment_tags.{k}"
+    return ledger_first, f"{from_ledger} ON DUPLICATE KEY UPDATE {t.tags}.{k} = {t.tags}.{k}"
 
 
-def _revert(dialect: str, bounded: bool) -> tuple[str, str]:
-    """Delete the tag rows the ledger lists, only while they still hold the value we wrote (a row a user
-    changed since is theirs now) and belong to the same experiment (ids can be reused after
+def _revert(dialect: str, t: Names, bounded: bool) -> tuple[str, str]:
+    """Delete the tag rows the ledger lists, only while they are still exactly the row we wrote (a row a
+    user changed since is theirs now) and belong to the same experiment (ids can be reused after
     `mlflow gc`: the creation time tells them apart); then the ledger rows."""
-    k = _q(dialect)
-    rng = " AND l.experiment_id > :lo AND l.experiment_id <= :hi" if bounded else ""
+    k = _key(dialect)
     return (
-        f"DELETE FROM experiment_tags WHERE {k} = :isgw AND {_eq(dialect, 'value', 'tv')}"
-        f" AND experiment_id IN (SELECT l.experiment_id FROM {LEDGER_TABLE} l"
-        " JOIN experiments e ON e.experiment_id = l.experiment_id"
-        f" WHERE COALESCE(l.experiment_created, -1) = COALESCE(e.creation_time, -1){rng})",
-        f"DELETE FROM {LEDGER_TABLE}" + (" WHERE experiment_id > :lo AND experiment_id <= :hi" if bounded else ""),
+        f"DELETE FROM {t.tags} WHERE {_exact(dialect, k, 'isgw')} AND {_exact(dialect, 'value', 'tv')}"
+        f" AND experiment_id IN (SELECT l.experiment_id FROM {t.ledger} l"
+        f" JOIN {t.experiments} e ON e.experiment_id = l.experiment_id"
+        " WHERE COALESCE(l.experiment_created, -1) = COALESCE(e.creation_time, -1)"
+        f"{_range('l.experiment_id', bounded)})",
+        f"DELETE FROM {t.ledger}" + (" WHERE experiment_id >= :lo AND experiment_id <= :hi" if bounded else ""),
     )
 
 
-def _status(dialect: str) -> str:
-    k = _q(dialect)
+def _status(dialect: str, t: Names) -> str:
+    k = _key(dialect)
+    gateway = f"{_exact(dialect, f's.{k}', 'src')} AND {_exact(dialect, 's.value', 'gw')}"
     return (
-        "SELECT COUNT(*) AS gateway,"
+        "SELECT COUNT(e.experiment_id) AS gateway,"
         " COALESCE(SUM(CASE WHEN e.lifecycle_stage = 'deleted' THEN 1 ELSE 0 END), 0) AS deleted,"
-        f" COALESCE(SUM(CASE WHEN g.experiment_id IS NOT NULL AND {_eq(dialect, 'g.value', 'tv')}"
-        " THEN 1 ELSE 0 END), 0) AS tagged,"
-        " COALESCE(SUM(CASE WHEN g.experiment_id IS NULL THEN 1 ELSE 0 END), 0) AS missing"
-        " FROM experiment_tags s"
-        " JOIN experiments e ON e.experiment_id = s.experiment_id"
-        f" LEFT JOIN experiment_tags g ON g.{k} = :isgw AND g.experiment_id = s.experiment_id"
-        f" WHERE s.{k} = :src AND {_eq(dialect, 's.value', 'gw')}"
+        f" COALESCE(SUM(CASE WHEN e.experiment_id IS NOT NULL AND g.experiment_id IS NOT NULL"
+        f" AND {_exact(dialect, 'g.value', 'tv')} THEN 1 ELSE 0 END), 0) AS tagged,"
+        " COALESCE(SUM(CASE WHEN e.experiment_id IS NOT NULL AND g.experiment_id IS NULL THEN 1 ELSE 0 END), 0)"
+        " AS missing,"
+        " COALESCE(SUM(CASE WHEN e.experiment_id IS NULL THEN 1 ELSE 0 END), 0) AS orphans"
+        f" FROM {t.tags} s LEFT JOIN {t.experiments} e ON e.experiment_id = s.experiment_id"
+        f" LEFT JOIN {t.tags} g ON g.{k} = :isgw AND g.experiment_id = s.experiment_id"
+        f" WHERE {gateway}"
     )
 
 
-def _probe(dialect: str) -> tuple[str, ...]:
-    """Statements of the batch's shape that match no row: privileges are checked, nothing is written."""
-    k = _q(dialect)
+def _probes(dialect: str, t: Names) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Statements of the real ones' shape that match no row: privileges are checked, nothing is written."""
+    k = _key(dialect)
     insert = (
-        f"INSERT INTO experiment_tags ({k}, value, experiment_id) SELECT s.{k}, s.value, s.experiment_id"
-        " FROM experiment_tags s WHERE 1 = 0"
+        f"INSERT INTO {t.tags} ({k}, value, experiment_id) SELECT s.{k}, s.value, s.experiment_id"
+        f" FROM {t.tags} s WHERE 1 = 0"
     )
-    if dialect == "mysql":
-        return (insert,)
-    return (f"{insert} ON CONFLICT ({k}, experiment_id) DO NOTHING",)
+    if dialect != "mysql":
+        insert += f" ON CONFLICT ({k}, experiment_id) DO NOTHING"
+    return (insert,), (f"DELETE FROM {t.tags} WHERE 1 = 0",)
 
 
-def for_dialect(dialect: str) -> DialectSQL:
-    """The statements for ``dialect`` (a SQLAlchemy dialect name: sqlite, postgresql or mysql)."""
-    if dialect not in SUPPORTED:
-        raise ValueError(f"unsupported dialect {dialect!r}")
-    k = _q(dialect)
-    locks = {
-        "postgresql": (f"SELECT pg_try_advisory_lock({PG_LOCK_KEY})", f"SELECT pg_advisory_unlock({PG_LOCK_KEY})"),
-        # GET_LOCK names are server-wide: qualify with the database (PostgreSQL's are per database already).
-        "mysql": (
-            f"SELECT GET_LOCK(CONCAT('{LOCK_NAME}.', DATABASE()), 0)",
-            f"SELECT RELEASE_LOCK(CONCAT('{LOCK_NAME}.', DATABASE()))",
-        ),
-        "sqlite": (None, None),
-    }[dialect]
+def statements(dialect: str, prefix: str = "") -> DialectSQL:
+    """The statements for ``dialect`` (sqlite, postgresql or mysql) on tables named with ``prefix``
+    (a quoted schema and a dot, or empty)."""
+    t = Names.in_schema(prefix)
+    k = _key(dialect)
+    run_probe, revert_probe = _probes(dialect, t)
     return DialectSQL(
         name=dialect,
-        batch=_batch(dialect, bounded=True),
-        first_missing=_candidates(dialect, "MIN(s.experiment_id)", bounded=False),
-        count_from=f"SELECT COUNT(*) FROM experiment_tags WHERE {k} = :src AND experiment_id > :lo",
+        begin_write={
+            "postgresql": "BEGIN ISOLATION LEVEL READ COMMITTED",
+            "mysql": "START TRANSACTION",  # READ COMMITTED is the session's level (connect.py)
+            "sqlite": "BEGIN IMMEDIATE",
+        }[dialect],
+        batch=_batch(dialect, t, bounded=True),
+        first_missing=_missing(dialect, t, "MIN(s.experiment_id)", bounded=False),
         # Keyset: the upper end (and count) of the next n rows of the (key, experiment_id) primary key. No OFFSET.
         next_bound=(
-            "SELECT MAX(experiment_id), COUNT(*) FROM (SELECT experiment_id FROM experiment_tags"
-            f" WHERE {k} = :src AND experiment_id > :lo ORDER BY experiment_id LIMIT :n) b"
+            f"SELECT MAX(experiment_id), COUNT(*) FROM (SELECT experiment_id FROM {t.tags}"
+            f" WHERE {k} = :src AND experiment_id >= :lo ORDER BY experiment_id LIMIT :n) b"
         ),
-        status=_status(dialect),
+        count_from=f"SELECT COUNT(*) FROM {t.tags} WHERE {k} = :src AND experiment_id >= :lo",
+        missing=_missing(dialect, t, "COUNT(*)", bounded=False),
+        status=_status(dialect, t),
         revert_bound=(
-            f"SELECT MAX(experiment_id) FROM (SELECT experiment_id FROM {LEDGER_TABLE}"
-            " WHERE experiment_id > :lo ORDER BY experiment_id LIMIT :n) b"
+            f"SELECT MAX(experiment_id) FROM (SELECT experiment_id FROM {t.ledger}"
+            " WHERE experiment_id >= :lo ORDER BY experiment_id LIMIT :n) b"
         ),
-        revert=_revert(dialect, bounded=True),
-        probe=_probe(dialect),
-        lock=locks[0],
-        unlock=locks[1],
-        per_transaction=(
-            "SELECT set_config('lock_timeout', :lock_timeout, true),"
-            " set_config('statement_timeout', :statement_timeout, true)"
-            if dialect == "postgresql"
-            else None
-        ),
+        revert=_revert(dialect, t, bounded=True),
+        probe_run=run_probe,
+        probe_revert=(*revert_probe, f"DELETE FROM {t.ledger} WHERE 1 = 0"),
     )
+
+
+def pg_lock_key(schema: str) -> int:
+    """pg_try_advisory_lock takes a bigint: a stable 63-bit number from the lock's name and the schema
+    (advisory locks are per database already; two MLflow schemas in one database are two locks)."""
+    return int.from_bytes(hashlib.sha256(f"{LOCK_NAME}.{schema}".encode()).digest()[:8], "big") >> 1
+
+
+def mysql_lock_name(database: str) -> str:
+    """GET_LOCK names are server-wide and at most 64 characters on MySQL: the database's digest."""
+    return f"{LOCK_NAME}.{hashlib.sha256(database.encode()).hexdigest()[:32]}"
 
 
 def offline_backfill(dialect: str) -> tuple[str, ...]:
     """The backfill as one unbounded batch in one transaction, for Alembic's ``--sql`` script (idempotent)."""
-    statements = _batch(dialect, bounded=False)
+    t = Names.in_schema()
+    statements_ = _batch(dialect, t, bounded=False)
     if dialect == "mysql":
         # Lock the candidate experiments for the whole script: a tag insert takes a shared lock on its
         # experiment through the foreign key, so nobody can add an isGateway row to them meanwhile.
         lock = (
-            "SELECT COUNT(*) FROM experiments e WHERE e.experiment_id IN"
-            f" ({_candidates(dialect, 's.experiment_id', False)}) FOR UPDATE"
+            f"SELECT COUNT(*) FROM {t.experiments} x WHERE x.experiment_id IN"
+            f" ({_missing(dialect, t, 's.experiment_id', False)}) FOR UPDATE"
         )
-        return ("START TRANSACTION", lock, *statements, "COMMIT")
-    return statements
+        return ("START TRANSACTION", lock, *statements_, "COMMIT")
+    return statements_
 
 
 def offline_revert(dialect: str) -> tuple[str, str]:
     """Undo everything in the ledger, for ``alembic downgrade --sql``."""
-    return _revert(dialect, bounded=False)
+    return _revert(dialect, Names.in_schema(), bounded=False)

@@ -20,8 +20,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from backfill import sql
-from backfill.db import Timeouts, create_engine, parse_url
-from backfill.job import Backfill, Settings
+from backfill.connect import create_engine
+from backfill.retry import Timeouts
+from backfill.urls import parse_url
+from backfill.job import Backfill
+from backfill.walk import Settings
 from backfill.schema import metadata
 from bench.child import RSS_PREFIX
 

@@ -200,7 +200,7 @@ def _start_server(backend: str, tmp: Path) -> Server:
         return Server(backend, tmp)
     env_url = os.environ.get(f"MGB_TEST_{backend.upper()}_URL")
     if env_url:
-        from backfill.db import parse_url
+        from backfill.urls import parse_url
 
         return Server(backend, tmp, admin_url=parse_url(env_url).render_as_string(hide_password=False))
     from tests import backends

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import sqlalchemy as sa
 
-from backfill.db import BackfillError, ExitCode, create_engine, parse_url
-from backfill.job import Backfill, Settings
+from backfill.connect import create_engine
+from backfill.errors import BackfillError, ExitCode
+from backfill.job import Backfill
 from backfill.sql import IS_GATEWAY_KEY as ISGW
 from backfill.sql import LEDGER_TABLE, RUNS_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
-from tests.conftest import Db
+from backfill.urls import parse_url
+from backfill.walk import Settings
+from tests.conftest import REPO, Db
 
 
 def job(db: Db, **settings: object) -> Backfill:
@@ -106,7 +112,7 @@ def test_revert_removes_exactly_what_it_inserted(mixed: Db) -> None:
     before = mixed.tags()
     j = job(mixed)
     j.run()
-    assert j.revert() == 2
+    assert j.revert().removed == 2
     assert mixed.tags() == before  # the isGateway rows MLflow wrote (1003-1005) are still there
     assert mixed.table(LEDGER_TABLE) == []
 
@@ -117,7 +123,7 @@ def test_revert_keeps_a_row_whose_value_was_changed_since(mixed: Db) -> None:
     with mixed.engine.begin() as conn:
         tags = sa.Table("experiment_tags", sa.MetaData(), autoload_with=conn)
         conn.execute(tags.update().where(tags.c.experiment_id == 1001, tags.c.key == ISGW).values(value="yes"))
-    assert j.revert() == 1
+    assert j.revert().removed == 1
     assert (1001, ISGW, "yes") in mixed.tags()
 
 
@@ -162,35 +168,37 @@ def test_stop_between_batches_then_resume(db: Db) -> None:
 
 
 def test_a_live_runner_blocks_a_second_one(db: Db) -> None:
+    """The single-runner lock, held by another process (a `run` in another container, say): `run` and
+    `revert` exit 6 while it lives, and the lock goes with the process, with nothing to wait for."""
     db.add_experiments([(6000, "active", [(SRC, "GATEWAY")])])
-    first = job(db)
-    first.run()  # creates the project's tables
-    holder_engine = create_engine(parse_url(db.url))
-    holder = holder_engine.connect()
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "tests.hold_lock", db.url], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
-        if db.backend == "sqlite":
-            import subprocess
-            import sys
-
-            sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-            holder.execute(sa.text(f"UPDATE {RUNS_TABLE} SET state = 'running', pid = :p"), {"p": sleeper.pid})
-            holder.commit()
-        else:
-            holder.execute(sa.text(first.sql.lock or ""))
-            sleeper = None
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(BackfillError) as err:
+            job(db).run()
+        assert err.value.code == ExitCode.LOCKED
+        # nothing was written, not even the project's tables (the lock comes first)
+        assert not {RUNS_TABLE, LEDGER_TABLE} & set(sa.inspect(db.engine).get_table_names())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert job(db).run().state == "done"  # the holder died: its lock went with it
+    db.add_experiments([(6001, "active", [(SRC, "GATEWAY")])])
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "tests.hold_lock", db.url], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         for blocked in (job(db).run, job(db).revert):  # a revert may not run beside a live run either
             with pytest.raises(BackfillError) as err:
                 blocked()
             assert err.value.code == ExitCode.LOCKED
-        if sleeper is not None:  # the runner dies: its lease no longer blocks
-            sleeper.kill()
-            sleeper.wait()
-        else:  # the holder's session ends: its lock goes with it
-            holder.invalidate()
-        assert job(db).run().state == "done"
+        assert job(db).status().missing == 1 and len(db.table(LEDGER_TABLE)) == 1
     finally:
-        holder.close()
-        holder_engine.dispose()
+        holder.kill()
+        holder.wait()
 
 
 def test_revert_spares_a_reused_experiment_id(mixed: Db) -> None:
@@ -216,7 +224,7 @@ def test_revert_spares_a_reused_experiment_id(mixed: Db) -> None:
         )
     mixed.set_tag(1001, SRC, "GATEWAY")
     mixed.set_tag(1001, ISGW, "true")
-    assert j.revert() == 1  # only 1002's row
+    assert j.revert().removed == 1  # only 1002's row
     assert (1001, ISGW, "true") in mixed.tags()
 
 
@@ -224,19 +232,22 @@ def test_revert_spares_a_reused_experiment_id(mixed: Db) -> None:
 def test_reads_never_hold_the_sqlite_write_lock(db: Db) -> None:
     db.add_experiments([(e, "active", [(SRC, "GATEWAY")]) for e in range(1, 8)])
     engine = create_engine(parse_url(db.url))
-    begins: list[tuple[str, str]] = []  # (BEGIN mode, the transaction's first statement)
-    pending: list[str] = []
-
-    @sa.event.listens_for(engine, "begin")
-    def began(conn):  # type: ignore[no-untyped-def]
-        pending.append(conn.get_execution_options().get("sqlite_begin", "DEFERRED"))
+    in_write: list[bool] = [False]
+    reads_inside: list[str] = []
+    writes: list[str] = []
 
     @sa.event.listens_for(engine, "before_cursor_execute")
-    def first_statement(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
-        if pending and not statement.startswith("BEGIN"):
-            begins.append((pending.pop(), statement))
+    def track(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
+        if statement == "BEGIN IMMEDIATE":
+            in_write[0] = True
+        elif statement in ("COMMIT", "ROLLBACK"):
+            in_write[0] = False
+        elif "MIN(s.experiment_id)" in statement or statement.startswith("SELECT COUNT(*)"):
+            if in_write[0]:
+                reads_inside.append(statement)
+        elif statement.startswith("INSERT INTO experiment_tags"):
+            writes.append(statement) if in_write[0] else reads_inside.append("unguarded write: " + statement)
 
     Backfill(engine, Settings(batch_size=3, adaptive=False)).run()
-    immediate = [s for mode, s in begins if mode == "IMMEDIATE"]
-    assert immediate  # batches and run-record writes
-    assert not [s for s in immediate if "MIN(s.experiment_id)" in s or s.startswith("SELECT COUNT(*)")]
+    assert writes  # batches write inside BEGIN IMMEDIATE
+    assert not reads_inside

@@ -34,7 +34,7 @@ def gw(db: Db) -> Db:
 
 def test_verify_run_verify_status(gw: Db) -> None:
     code, out, _ = invoke("verify", "--database-url", gw.url)
-    assert code == 1 and "missing: 2 of 2" in out
+    assert code == 1 and "missing: 2 gateway experiments lack isGateway" in out
     code, out, _ = invoke("run", "--database-url", gw.url, "--dry-run")
     assert code == 0 and "would insert 2" in out
     code, out, _ = invoke("run", "--database-url", gw.url, "--json")
@@ -42,7 +42,7 @@ def test_verify_run_verify_status(gw: Db) -> None:
     code, out, _ = invoke("run", "--database-url", gw.url)
     assert code == 0 and "nothing to do" in out
     code, out, _ = invoke("verify", "--database-url", gw.url, "--json")
-    assert code == 0 and json.loads(out) == {"ok": True, "missing": 0, "gateway": 2, "conflicts": 0}
+    assert code == 0 and json.loads(out) == {"ok": True, "missing": 0}
     code, out, _ = invoke("status", "--database-url", gw.url, "--json")
     assert json.loads(out)["inserted_by_backfill"] == 2
     code, out, _ = invoke("revert", "--database-url", gw.url, "--yes")
@@ -111,14 +111,14 @@ def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"])
 def test_postgres_uris_use_psycopg3(scheme: str) -> None:
-    from backfill.db import parse_url
+    from backfill.urls import parse_url
 
     assert parse_url(f"{scheme}://u:p@h/db").drivername == "postgresql+psycopg"
 
 
 @pytest.mark.parametrize("scheme", ["mysql", "mysql+mysqldb", "mysql+pymysql", "mariadb"])
 def test_mysql_uris_use_pymysql(scheme: str) -> None:
-    from backfill.db import parse_url
+    from backfill.urls import parse_url
 
     assert parse_url(f"{scheme}://u:p@h/db").drivername == "mysql+pymysql"
 
@@ -142,11 +142,23 @@ def test_invalid_options_exit_2(args: list[str], tmp_path: Path) -> None:
 
 
 def test_url_resolution_order(gw: Db, tmp_path: Path) -> None:
-    clean = {"DATABASE_URL": "", "MLFLOW_TRACKING_URI": ""}
-    code, out, _ = invoke("verify", "--json", env={**clean, "DATABASE_URL": gw.url})
-    assert code == 1 and json.loads(out)["gateway"] == 2
-    code, out, _ = invoke("verify", "--json", env={**clean, "MLFLOW_TRACKING_URI": gw.url})
-    assert code == 1 and json.loads(out)["gateway"] == 2
+    """--database-url, $DATABASE_URL, $MLFLOW_BACKEND_STORE_URI, $MLFLOW_TRACKING_URI (a database URI only),
+    sqlite:///mlflow.db: each wins over everything after it."""
+    clean = {"DATABASE_URL": "", "MLFLOW_BACKEND_STORE_URI": "", "MLFLOW_TRACKING_URI": ""}
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"  # does not exist: using it would exit 4
+    cases = [
+        {"DATABASE_URL": gw.url, "MLFLOW_BACKEND_STORE_URI": elsewhere, "MLFLOW_TRACKING_URI": elsewhere},
+        {"MLFLOW_BACKEND_STORE_URI": gw.url, "MLFLOW_TRACKING_URI": elsewhere},
+        {"MLFLOW_TRACKING_URI": gw.url},
+    ]
+    for env in cases:
+        code, out, err = invoke("verify", "--json", env={**clean, **env})
+        assert code == 1 and json.loads(out)["missing"] == 2, (env, err)
+    code, out, _ = invoke("verify", "--json", "--database-url", gw.url, env={**clean, "DATABASE_URL": elsewhere})
+    assert code == 1 and json.loads(out)["missing"] == 2
+    # a file store is not a database: said so, rather than falling through to another database
+    code, _, err = invoke("verify", env={**clean, "MLFLOW_BACKEND_STORE_URI": "./mlruns"})
+    assert code == 2 and "MLFLOW_BACKEND_STORE_URI is not a database URI" in err
     # an http tracking URI is not a database: fall through to sqlite:///mlflow.db in the working directory
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -154,7 +166,7 @@ def test_url_resolution_order(gw: Db, tmp_path: Path) -> None:
         code, _, err = invoke("verify", env={**clean, "MLFLOW_TRACKING_URI": "http://localhost:5000"})
     finally:
         os.chdir(cwd)
-    assert code == 4 and "'mlflow.db'" in err
+    assert code == 4 and "mlflow.db'" in err
 
 
 def test_python_dash_m_and_help_teach() -> None:

@@ -6,11 +6,13 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from backfill.db import create_engine, parse_url
-from backfill.job import Backfill, Settings
+from backfill.connect import create_engine
+from backfill.job import Backfill
 from backfill.sql import IS_GATEWAY_KEY as ISGW
 from backfill.sql import LEDGER_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
+from backfill.urls import parse_url
+from backfill.walk import Settings
 from tests.conftest import Db
 
 

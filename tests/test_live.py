@@ -14,12 +14,16 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from backfill import job as job_module
-from backfill.db import BackfillError, ExitCode, Timeouts, create_engine, parse_url
-from backfill.job import Backfill, Settings
+from backfill import walk as walk_module
+from backfill.connect import create_engine
+from backfill.errors import BackfillError, ExitCode
+from backfill.job import Backfill
+from backfill.retry import Timeouts
 from backfill.sql import IS_GATEWAY_KEY as ISGW
 from backfill.sql import LEDGER_TABLE, RUNS_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
+from backfill.urls import parse_url
+from backfill.walk import Settings
 from tests.conftest import Db, run_cli, start_cli
 from tests.mlflow_data import create_gateway_experiments, mlflow_store
 
@@ -86,7 +90,7 @@ def test_lock_timeout_retries_smaller_then_stops_resumable(db: Db) -> None:
             blockers.append(Blocker(db))
         return False
 
-    job = backfill(db, batch_size=4, min_batch_size=1, retries=2, timeouts=Timeouts(lock=0.2, statement=5))
+    job = backfill(db, batch_size=4, min_batch_size=1, timeouts=Timeouts(lock=0.2, statement=5, retries=2))
     try:
         with pytest.raises(BackfillError) as err:
             job.run(should_stop=block_once_started)
@@ -107,7 +111,7 @@ def test_a_lock_released_during_the_retries_lets_the_run_finish(db: Db) -> None:
     gateway(db)
     blocker = Blocker(db)
     threading.Timer(1.5, blocker.release).start()
-    report = backfill(db, batch_size=4, min_batch_size=1, retries=6, timeouts=Timeouts(lock=0.3, statement=5)).run()
+    report = backfill(db, batch_size=4, min_batch_size=1, timeouts=Timeouts(lock=0.3, statement=5, retries=6)).run()
     assert report.state == "done"
     assert tagged(db) >= set(GATEWAY_IDS)
 
@@ -241,7 +245,7 @@ def test_restarted_server_is_retried_or_resumed_exactly(db: Db) -> None:
 @pytest.mark.backends("postgresql", "mysql")
 def test_connection_dropped_mid_batch_leaves_no_partial_batch(db: Db) -> None:
     gateway(db)
-    job = backfill(db, batch_size=8, adaptive=False, retries=3)
+    job = backfill(db, batch_size=8, adaptive=False, timeouts=Timeouts(retries=3))
     admin = sa.create_engine(db.url)
     fired: list[bool] = []
     first = "WITH ins" if db.backend == "postgresql" else f"INSERT INTO {LEDGER_TABLE}"
@@ -335,7 +339,7 @@ def test_batches_adapt_to_the_time_target(db: Db) -> None:
 def test_sleep_and_rows_per_second_ceiling(db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
     gateway(db)
     pauses: list[float] = []
-    monkeypatch.setattr(job_module.time, "sleep", pauses.append)
+    monkeypatch.setattr(walk_module.time, "sleep", pauses.append)
     backfill(db, batch_size=10, adaptive=False, sleep=0.5).run()
     assert pauses == [0.5] * 4
     backfill(db).revert()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from mlflow.entities import ViewType
 
-from backfill.db import create_engine, parse_url
+from backfill.connect import create_engine
 from backfill.job import Backfill
 from backfill.sql import IS_GATEWAY_KEY
+from backfill.urls import parse_url
 from tests.mlflow_data import mlflow_store, populate
 
 # What the MLflow 3.10.1+ UI ANDs onto every experiment-list search.

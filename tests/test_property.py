@@ -6,11 +6,13 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backfill.db import create_engine, parse_url
-from backfill.job import Backfill, Settings
+from backfill.connect import create_engine
+from backfill.job import Backfill
 from backfill.sql import IS_GATEWAY_KEY as ISGW
 from backfill.sql import LEDGER_TABLE, RUNS_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
+from backfill.urls import parse_url
+from backfill.walk import Settings
 from tests.conftest import Db
 
 VALUES = st.one_of(

@@ -1,12 +1,13 @@
 """Backfill mlflow.experiment.isGateway=true on gateway experiments made by MLflow 3.10.0.
 
-Online, the upgrade creates the project's two tables and runs the same batched job as
-``mlflow-gateway-backfill run`` inside ``autocommit_block()``, so each batch commits on its own and a
-large table is never held in one long transaction. Offline (``--sql``) it renders one idempotent
-statement set for the URL's dialect, without reading the database.
+Online, the upgrade runs the same batched job as ``mlflow-gateway-backfill run`` (it creates the
+project's two tables under the single-runner lock) inside ``autocommit_block()``, on the connection and
+lock ``env.py`` holds, so each batch commits on its own and a large table is never held in one long
+transaction. Offline (``--sql``) it renders one idempotent statement set for the URL's dialect, without
+reading the database.
 
-The downgrade removes exactly the rows recorded in the ledger, then drops the project's tables.
-MLflow's own tables keep their structure either way.
+The downgrade removes exactly the rows recorded in the ledger, then drops the project's tables; a ledger
+that still lists rows is never dropped. MLflow's own tables keep their structure either way.
 
 Revision ID: gateway_backfill_0001
 Revises:
@@ -20,8 +21,7 @@ import time
 import sqlalchemy as sa
 from alembic import context, op
 
-from backfill import sql
-from backfill.job import Backfill
+from backfill import migration, sql
 from backfill.schema import ledger, ledger_columns, runs, runs_columns
 
 revision = "gateway_backfill_0001"
@@ -39,23 +39,24 @@ def _execute_all(statements: tuple[str, ...], **binds: object) -> None:
 
 
 def upgrade() -> None:
-    op.create_table(runs.name, *runs_columns(), if_not_exists=True)
-    op.create_table(ledger.name, *ledger_columns(), if_not_exists=True)
-    dialect = op.get_context().dialect.name
     if context.is_offline_mode():
+        op.create_table(runs.name, *runs_columns(), if_not_exists=True)
+        op.create_table(ledger.name, *ledger_columns(), if_not_exists=True)
         # run_id NULL marks rows inserted by the script; the timestamp doubles as the batch identifier.
-        _execute_all(sql.offline_backfill(dialect), run=None, now=time.time_ns())
+        _execute_all(sql.offline_backfill(op.get_context().dialect.name), run=None, now=time.time_ns())
         return
     with op.get_context().autocommit_block():
-        Backfill(op.get_bind().engine).run()
+        migration.upgrade(context.config.attributes)
 
 
 def downgrade() -> None:
-    dialect = op.get_context().dialect.name
     if context.is_offline_mode():
-        _execute_all(sql.offline_revert(dialect))
-    else:
-        with op.get_context().autocommit_block():
-            Backfill(op.get_bind().engine).revert()
+        _execute_all(sql.offline_revert(op.get_context().dialect.name))
+        for table in (ledger, runs):
+            op.drop_table(table.name, if_exists=True)
+        return
+    with op.get_context().autocommit_block():
+        migration.downgrade(context.config.attributes)
+    schema = migration.shared(context.config.attributes).target.schema
     for table in (ledger, runs):
-        op.drop_table(table.name, if_exists=True)
+        op.drop_table(table.name, schema=schema, if_exists=True)
