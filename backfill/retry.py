@@ -205,7 +205,29 @@ def guard(engine: Engine) -> Engine:
             _guarded(engine, dbapi_connection, False, lambda: _original(dbapi_connection))
 
         setattr(dialect, name, wrapped)
+    if dialect.name == "sqlite":
+        dialect.do_commit = _patient_commit(dialect.do_commit)  # type: ignore[method-assign]
     return engine
+
+
+def _patient_commit(commit: Callable[[Any], None]) -> Callable[[Any], None]:
+    """SQLite: a COMMIT that finds the database busy (a reader holding it, in rollback-journal mode) leaves
+    the transaction open and whole, so the COMMIT itself is tried again, with the retry policy. This covers
+    the commits the tool does not send itself, such as Alembic's when it enters ``autocommit_block()``."""
+
+    def commit_when_free(dbapi_connection: Any) -> None:
+        timeouts = _limits.get()
+        if timeouts is None:
+            commit(dbapi_connection)
+            return
+        Retrying(
+            stop=stop_after_attempt(timeouts.retries + 1),
+            wait=wait_exponential(multiplier=0.25, max=5) + wait_random(0, 0.05),
+            retry=retry_if_exception(lambda exc: "database is locked" in str(exc)),
+            reraise=True,
+        )(commit, dbapi_connection)
+
+    return commit_when_free
 
 
 # lock_not_available, query_canceled (statement_timeout), deadlock, serialization failure, admin / crash

@@ -21,11 +21,11 @@ import sqlalchemy as sa
 
 from backfill import sql
 from backfill.connect import create_engine
-from backfill.retry import Timeouts
-from backfill.urls import parse_url
 from backfill.job import Backfill
-from backfill.walk import Settings
+from backfill.retry import Timeouts
 from backfill.schema import metadata
+from backfill.urls import parse_url
+from backfill.walk import Settings
 from bench.child import RSS_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent

@@ -400,3 +400,102 @@ def _wait_for(condition, seconds: float = 60) -> None:  # type: ignore[no-untype
             pass
         time.sleep(0.05)
     raise AssertionError("condition not reached")
+
+
+# ---------------------------------------------------------------- the schema the tool relies on (issue 11)
+
+
+def _foreign_shape(server, extra_pk: bool, creation_time: bool = True) -> str:  # type: ignore[no-untyped-def]
+    """A database whose MLflow-named tables differ from the shape the tool relies on."""
+    url = server.new_database()
+    key = "`key`" if server.backend.startswith(("mysql", "mariadb")) else "key"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name VARCHAR(256),"
+                f" lifecycle_stage VARCHAR(32){', creation_time BIGINT' if creation_time else ''})"
+            )
+        )
+        pk = f"{key}, experiment_id, workspace" if extra_pk else f"{key}, experiment_id"
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE experiment_tags ({key} VARCHAR(250) NOT NULL, value VARCHAR(500),"
+                f" experiment_id INTEGER NOT NULL, workspace VARCHAR(63) NOT NULL DEFAULT 'default',"
+                f" PRIMARY KEY ({pk}))"
+            )
+        )
+        conn.execute(
+            sa.text("INSERT INTO experiments VALUES (1, 'gateway/x', 'active'" + (", 0)" if creation_time else ")"))
+        )
+        conn.execute(
+            sa.text(f"INSERT INTO experiment_tags ({key}, value, experiment_id) VALUES (:k, 'GATEWAY', 1)"), {"k": SRC}
+        )
+    engine.dispose()
+    return url
+
+
+@pytest.mark.parametrize(
+    ("extra_pk", "creation_time", "names"), [(True, True, "primary key"), (False, False, "creation_time")]
+)
+def test_a_schema_the_tool_does_not_know_is_refused_untouched(
+    server, extra_pk: bool, creation_time: bool, names: str
+) -> None:  # type: ignore[no-untyped-def]
+    url = _foreign_shape(server, extra_pk, creation_time)
+    before = snapshot(url)
+    for command in (["run"], ["status"], ["verify"], ["run", "--dry-run"], ["revert", "--yes"]):
+        result = run_cli(*command, "--database-url", url)
+        assert result.returncode == ExitCode.NOT_MLFLOW, (command, result.stderr)
+        assert result.stderr.count("\n") == 1 and names in result.stderr and "mlflow db upgrade" in result.stderr
+    up = alembic(url, "upgrade", "head")
+    assert up.returncode == ExitCode.NOT_MLFLOW, up.stderr
+    assert snapshot(url) == before
+
+
+# ---------------------------------------------------------------- a long reader beside the set-up steps (issue 11)
+
+
+class Reader:
+    """Another session in a read transaction (an MLflow server serving a long page) for ``seconds``."""
+
+    def __init__(self, db: Db, seconds: float) -> None:
+        import threading
+
+        self.engine = sa.create_engine(db.url)
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(db.backend, seconds))
+        self.thread.start()
+        assert self.ready.wait(30)
+
+    def _read(self, backend: str, seconds: float) -> None:
+        import time
+
+        with self.engine.connect() as conn:
+            if backend == "sqlite":  # rollback-journal mode (MLflow's default): a reader blocks COMMITs
+                conn.connection.dbapi_connection.isolation_level = None
+                conn.exec_driver_sql("BEGIN")
+            elif backend.startswith("postgresql"):
+                conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            conn.execute(sa.text("SELECT COUNT(*) FROM experiment_tags")).all()
+            self.ready.set()
+            time.sleep(seconds)
+            conn.exec_driver_sql("COMMIT")
+
+    def join(self) -> None:
+        self.thread.join()
+        self.engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["alembic", "run"])
+def test_the_set_up_steps_wait_for_a_long_reader(db: Db, how: str) -> None:
+    gateway(db, range(200, 230))
+    reader = Reader(db, 3)
+    try:
+        if how == "alembic":
+            result = alembic(db.url, "upgrade", "head")
+        else:
+            result = run_cli("run", "--database-url", db.url, "-q")
+    finally:
+        reader.join()
+    assert result.returncode == 0, result.stderr
+    assert tagged(db) == set(range(200, 230))
