@@ -24,7 +24,7 @@ from contextlib import ExitStack
 
 import click
 from alembic import context
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from backfill import signals
@@ -85,7 +85,7 @@ def _changes_the_database() -> bool:
 
 def _migrate(conn: Connection, settings: Settings, stack: ExitStack) -> None:
     target = inspect_target(conn)  # before anything is written: a non-MLflow database gets nothing
-    if conn.in_transaction() and config.attributes.get("connection") is None:
+    if conn.in_transaction() and not isinstance(config.attributes.get("connection"), Connection):
         conn.rollback()  # the inspection's reads; Alembic begins its own transaction
     if _changes_the_database():
         job_conn = stack.enter_context(job_connection(conn.engine, settings.timeouts))
@@ -101,8 +101,10 @@ def _migrate(conn: Connection, settings: Settings, stack: ExitStack) -> None:
 
 def run_migrations_online() -> None:
     explicit_url, settings = _x_arguments()
-    given: Connection | None = config.attributes.get("connection")
+    given: Connection | Engine | None = config.attributes.get("connection")
     with ExitStack() as stack, limits(settings.timeouts):
+        if isinstance(given, Engine):  # handed an engine (pytest-alembic does): a connection of it
+            given = stack.enter_context(guard(given).connect())
         if given is not None:
             url = guard(given.engine).url
             conn = given
