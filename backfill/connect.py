@@ -208,6 +208,8 @@ def recover(conn: Connection) -> None:
     """Bring a connection back to a clean state after a failure: no open transaction, usable again."""
     if conn.closed:
         return
+    if retry.stopped_answering(conn.engine) and not conn.invalidated:
+        conn.invalidate()  # close it without a word to the server; it rolls back when it sees the socket gone
     if conn.invalidated:
         conn.rollback()  # SQLAlchemy: forget the lost connection; the next statement opens a new one
         return
@@ -218,3 +220,11 @@ def recover(conn: Connection) -> None:
         conn.exec_driver_sql("ROLLBACK")
     if conn.invalidated:
         conn.rollback()
+
+
+def close(conn: Connection) -> None:
+    """Close a connection after :func:`recover` (quietly: the server may be gone; the real error follows)."""
+    with suppress(Exception):
+        recover(conn)
+    with suppress(Exception):
+        conn.close()

@@ -99,6 +99,12 @@ def describe(exc: BaseException, url: URL, connecting: bool = False) -> Backfill
         )
     detail = driver_text(exc, url)
     lowered = detail.lower()
+    if "timeout expired" in lowered or "timed out" in lowered:
+        return BackfillError(
+            f"cannot connect to {where}: the server did not answer in time (frozen, overloaded or unreachable): "
+            f"{detail}",
+            ExitCode.CONNECT,
+        )
     state, errno = sqlstate(exc), mysql_errno(exc)
     if "file is not a database" in lowered or "unable to open database file" in lowered:
         return BackfillError(f"{where} is not an MLflow tracking database: {detail}", ExitCode.NOT_MLFLOW)

@@ -21,10 +21,10 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from backfill import record, signals
-from backfill.connect import connect, recover, transaction
+from backfill.connect import close, connect, recover, transaction
 from backfill.errors import BackfillError, ExitCode, describe
 from backfill.lock import RunnerLock
-from backfill.retry import limits, with_retries
+from backfill.retry import limits, stopped_answering, with_retries
 from backfill.schema import Target, inspect_target, ledger, metadata
 from backfill.walk import INT64_MIN, NoProgress, Progress, Report, Settings, after, binds, stopped
 
@@ -66,14 +66,18 @@ class Backfill:
         with limits(self.settings.timeouts):
             conn = connect(self.engine, self.settings.timeouts)
             try:
-                target = self._retried(conn, lambda: inspect_target(conn))
+                target = with_retries(
+                    self.settings.timeouts,
+                    lambda: inspect_target(conn),
+                    lambda: recover(conn),
+                    self.engine.url,
+                    what="connecting",
+                )
                 yield conn, target
             except SQLAlchemyError as exc:
                 raise describe(exc, self.engine.url) from None
             finally:
-                with _quietly():
-                    recover(conn)
-                    conn.close()
+                close(conn)
 
     def _retried(self, conn: Connection, step: Callable[[], Any]) -> Any:
         return with_retries(self.settings.timeouts, step, lambda: recover(conn), self.engine.url)
@@ -200,7 +204,7 @@ class Backfill:
                 self._retried(conn, lambda: record.mark_reverted(conn, target))
         except BaseException as exc:
             error = stopped(exc, should_stop)
-            if claim is not None:
+            if claim is not None and not stopped_answering(conn.engine):
                 with signals.finishing(should_stop), _quietly():
                     recover(conn)
                     record.finish(conn, target, claim.run_id, "stopped", str(error or exc)[:500] or type(exc).__name__)

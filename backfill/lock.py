@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 
 from backfill import sql
 from backfill.errors import BackfillError, ExitCode
+from backfill.retry import stopped_answering
 from backfill.schema import Target
 
 LOCK_SUFFIX = ".gateway-backfill.lock"
@@ -101,7 +102,7 @@ class RunnerLock:
             os.close(self.fd)  # closing the last descriptor releases the flock
             self.fd = None
             return
-        if self.session is None or self.conn.invalidated or self.conn.closed:
+        if self.session is None or self.conn.invalidated or self.conn.closed or stopped_answering(self.conn.engine):
             return
         _, give, binds = self._statements()
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import Connection, Engine
 
-from backfill.connect import connect, prepare_session, recover
+from backfill.connect import close, connect, prepare_session
 from backfill.errors import BackfillError, ExitCode
 from backfill.job import Backfill
 from backfill.lock import RunnerLock
@@ -52,11 +52,7 @@ def job_connection(engine: Engine, timeouts: Timeouts) -> Iterator[Connection]:
     try:
         yield conn
     finally:
-        try:
-            recover(conn)
-            conn.close()
-        except Exception:  # noqa: BLE001 - the database may be gone; the real error follows
-            pass
+        close(conn)
 
 
 def shared(attributes: dict) -> Shared:

@@ -124,6 +124,12 @@ def cut_by_watchdog(exc: BaseException) -> float | None:
     return None
 
 
+def stopped_answering(engine: Engine) -> bool:
+    """Whether the watchdog had to cut a connection of ``engine``: then clean-up skips the server (a
+    rollback or an unlock would wait a whole deadline each; the server drops both with the session)."""
+    return bool(getattr(engine, "_mgb_stopped_answering", False))
+
+
 def _raw(connection: Any) -> Any:
     return getattr(connection, "dbapi_connection", connection)
 
@@ -155,6 +161,7 @@ def _guarded(engine: Engine, dbapi_connection: Any, writes: bool, call: Callable
 
     def cut() -> None:
         fired.append(timeouts.deadline)
+        engine._mgb_stopped_answering = True  # type: ignore[attr-defined]
         _shutdown(fd)
 
     handles = [_watchdog.arm(timeouts.deadline, cut)]

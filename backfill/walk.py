@@ -23,7 +23,7 @@ from backfill import record, signals
 from backfill.connect import recover, transaction
 from backfill.errors import BackfillError, ExitCode
 from backfill.lock import RunnerLock
-from backfill.retry import Timeouts, with_retries
+from backfill.retry import Timeouts, stopped_answering, with_retries
 from backfill.schema import Target
 from backfill.sql import CONSTANTS
 
@@ -214,6 +214,8 @@ class Walk:
 
     def _record_end(self, state: str, message: str | None) -> None:
         assert self.run_id is not None
+        if stopped_answering(self.conn.engine):
+            return  # the run row still says `running`; the next run takes it over all the same
         try:
             recover(self.conn)
             record.finish(self.conn, self.target, self.run_id, state, message)

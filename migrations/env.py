@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from backfill import signals
 from backfill.cli import TUNABLES, settings_from
-from backfill.connect import connect, create_engine
+from backfill.connect import close, connect, create_engine
 from backfill.errors import BackfillError, ExitCode, describe
 from backfill.lock import RunnerLock
 from backfill.migration import KEY, Shared, job_connection
@@ -114,7 +114,7 @@ def run_migrations_online() -> None:
             stack.callback(engine.dispose)
             # Alembic's own connection runs real transactions (connect._explicit_begin).
             conn = connect(engine, settings.timeouts).execution_options(explicit_begin=True)
-            stack.callback(conn.close)
+            stack.callback(close, conn)
         try:
             _migrate(conn, settings, stack)
         except SQLAlchemyError as exc:

@@ -37,6 +37,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _alembic(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "-x", f"database-url={url}"]
+    command += [f"-x{option[2:]}={value}" for option, value in zip(LIMITS[::2], LIMITS[1::2], strict=True)]
     return subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=HANG)
 
 

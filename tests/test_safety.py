@@ -244,6 +244,7 @@ def test_racing_first_runs_and_alembic_never_fail_on_the_tables(db: Db) -> None:
     tables: each exits 0 (one after the other) or 6 (lock held), never 7, and the end state is exact."""
     gateway(db, range(60, 160))
     template = db.url
+    db.engine.dispose()  # nobody may be connected to a database that is cloned
     for attempt in range(3):
         url = db.server.clone(template)
         procs = [start_cli("run", "--database-url", url, "-q"), start_cli("run", "--database-url", url, "-q")]
