@@ -20,13 +20,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from backfill import record, signals
+from backfill import record
 from backfill.connect import close, connect, recover, transaction
 from backfill.errors import BackfillError, ExitCode, describe
 from backfill.lock import RunnerLock
-from backfill.retry import limits, stopped_answering, with_retries
+from backfill.replicas import Replicas
+from backfill.retry import limits, with_retries
 from backfill.schema import Target, inspect_target, ledger, metadata
-from backfill.walk import INT64_MIN, NoProgress, Progress, Report, Settings, after, binds, stopped
+from backfill.walk import NoProgress, Progress, Report, RevertReport, RevertWalk, Settings, binds, stopped
 
 
 @dataclass
@@ -42,13 +43,6 @@ class Status:
     orphans: int
     inserted_by_backfill: int
     last_run: dict[str, Any] | None
-
-
-@dataclass
-class RevertReport:
-    removed: int
-    batches: int
-    seconds: float
 
 
 class Backfill:
@@ -138,7 +132,29 @@ class Backfill:
             if error is not None and error.code == ExitCode.STOPPED:
                 raise BackfillError(f"{error}; nothing was written: {again} again to start", error.code) from None
             raise
-        return Walk(conn, target, lock, self.settings, progress or NoProgress(), should_stop, again).run()
+        with self._replicas(target) as replicas:
+            walk = Walk(conn, target, lock, self.settings, progress or NoProgress(), should_stop, again, replicas)
+            return walk.run()
+
+    @contextmanager
+    def _replicas(self, target: Target) -> Iterator[Replicas | None]:
+        """The run's read replicas (settings.replicas), or None."""
+        if not self.settings.replicas:
+            yield None
+            return
+        if target.dialect == "sqlite":
+            raise BackfillError("SQLite has no read replicas: drop --replica-url", ExitCode.USAGE)
+        replicas = Replicas(
+            list(self.settings.replicas),
+            target.flavor,
+            self.settings.timeouts,
+            self.settings.max_replica_lag,
+            self.settings.replica_timeout,
+        )
+        try:
+            yield replicas
+        finally:
+            replicas.close()
 
     @staticmethod
     def _probe(conn: Connection, begin: str, statements: tuple[str, ...]) -> None:
@@ -178,68 +194,20 @@ class Backfill:
         again: str = "`revert`",
     ) -> RevertReport:
         """`revert` on a connection that holds the lock. Needs only the ledger (not the runs table)."""
-        started = time.monotonic()
         if not target.has_ledger:
             return RevertReport(0, 0, 0.0)
-        claim = None
-        removed = batches = 0
-        lo: int | None = INT64_MIN
         try:
             self._retried(conn, lambda: self._probe(conn, target.sql.begin_write, target.sql.probe_revert))
-            if target.has_runs:
-                claim = self._retried(conn, lambda: record.claim(conn, target, "reverting"))
-            while lo is not None:
-                if should_stop():
-                    raise BackfillError(getattr(should_stop, "reason", "stopped on request"), ExitCode.STOPPED)
-                step = self._retried(conn, lambda lo=lo: self._revert_batch(conn, target, lock, lo))
-                if step is None:
-                    break
-                hi, deleted = step
-                removed += deleted
-                batches += 1
-                lo = after(hi)
-                if self.settings.sleep:
-                    time.sleep(self.settings.sleep)
-            if target.has_runs:
-                self._retried(conn, lambda: record.mark_reverted(conn, target))
         except BaseException as exc:
             error = stopped(exc, should_stop)
-            if claim is not None and not stopped_answering(conn.engine):
-                with signals.finishing(should_stop), _quietly():
-                    recover(conn)
-                    record.finish(conn, target, claim.run_id, "stopped", str(error or exc)[:500] or type(exc).__name__)
             if error is not None and error.code == ExitCode.STOPPED:
-                raise BackfillError(
-                    f"{error}; revert stopped: {removed} rows removed this time and the ledger lists the rest, "
-                    f"which {again} again removes (do not `run`: it would insert them again)",
-                    ExitCode.STOPPED,
-                ) from None
+                raise BackfillError(f"{error}; nothing was removed: {again} again to start", error.code) from None
             raise
-        return RevertReport(removed, batches, time.monotonic() - started)
-
-    def _revert_batch(self, conn: Connection, target: Target, lock: RunnerLock, lo: int) -> tuple[int, int] | None:
-        """Delete the ledger's rows in the next keyset range; returns (upper end, tags deleted) or None."""
-        lock.ensure()
-        with transaction(conn, target.sql.begin_write):
-            hi = conn.execute(sa.text(target.sql.revert_bound), {"lo": lo, "n": self.settings.batch_size}).scalar()
-            if hi is None:
-                return None
-            tags, ledger_rows = target.sql.revert
-            deleted = conn.execute(sa.text(tags), binds(lo=lo, hi=int(hi))).rowcount
-            conn.execute(sa.text(ledger_rows), binds(lo=lo, hi=int(hi)))
-        return int(hi), max(deleted, 0)
+        with self._replicas(target) as replicas:
+            return RevertWalk(conn, target, lock, self.settings, should_stop, again, replicas).run()
 
     def ledger_rows(self, conn: Connection, target: Target) -> int:
         """How many rows the ledger still lists (a ledger that lists rows is never dropped)."""
         if not target.has_ledger:
             return 0
         return int(target.tables(conn).execute(sa.select(sa.func.count()).select_from(ledger)).scalar_one())
-
-
-@contextmanager
-def _quietly() -> Iterator[None]:
-    """For clean-up after a failure: the database may be gone, and the real error must win."""
-    try:
-        yield
-    except Exception:  # noqa: BLE001
-        pass

@@ -13,6 +13,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ from backfill import record, signals
 from backfill.connect import recover, transaction
 from backfill.errors import BackfillError, ExitCode
 from backfill.lock import RunnerLock
+from backfill.replicas import DEFAULT_MAX_LAG, DEFAULT_TIMEOUT, Lag, Replicas
 from backfill.retry import Timeouts, stopped_answering, with_retries
 from backfill.schema import Target
 from backfill.sql import CONSTANTS
@@ -47,6 +49,9 @@ class Settings:
     max_passes: int = 3
     adaptive: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
+    replicas: tuple[str, ...] = ()  # URLs of read replicas to wait for (replicas.py)
+    max_replica_lag: float = DEFAULT_MAX_LAG
+    replica_timeout: float = DEFAULT_TIMEOUT
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Report:
     passes: int
     run_inserted: int
     seconds: float
+    replica_wait_seconds: float = 0.0
     batch_seconds: list[float] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -79,12 +85,14 @@ class Report:
 class Progress(Protocol):
     def start(self, total: int) -> None: ...
     def advance(self, scanned: int, inserted: int) -> None: ...
+    def waiting(self, lag: Lag) -> None: ...
     def close(self) -> None: ...
 
 
 class NoProgress:
     def start(self, total: int) -> None: ...
     def advance(self, scanned: int, inserted: int) -> None: ...
+    def waiting(self, lag: Lag) -> None: ...
     def close(self) -> None: ...
 
 
@@ -124,8 +132,10 @@ class Walk:
         progress: Progress,
         should_stop: Callable[[], bool],
         again: str = "`run`",
+        replicas: Replicas | None = None,
     ) -> None:
         self.again = again
+        self.replicas = replicas
         self.conn = conn
         self.target = target
         self.sql = target.sql
@@ -158,8 +168,11 @@ class Walk:
             while lo is not None:
                 if self.should_stop():
                     raise BackfillError(getattr(self.should_stop, "reason", "stopped on request"), ExitCode.STOPPED)
+                self._hold("before the next batch")
                 t0 = time.monotonic()
                 step = self._retried(lambda lo=lo: self._step(lo), self._shrink)
+                if step is not None and self.replicas:
+                    self._retried(lambda: self.replicas.note(self.conn))  # type: ignore[union-attr]
                 if step is not None:
                     hi, scanned, added, elapsed = step
                     inserted += added
@@ -183,6 +196,7 @@ class Walk:
                         ExitCode.STOPPED,
                     )
                 self.progress.start(self._remaining(lo))
+            self._hold("after the last batch", everything=True)
             self._record_end("done", None)
         except BaseException as exc:
             error = stopped(exc, self.should_stop)
@@ -209,8 +223,15 @@ class Walk:
             passes,
             claim.inserted_before + inserted,
             time.monotonic() - started,
+            self.replicas.waited if self.replicas else 0.0,
             self.batch_seconds,
         )
+
+    def _hold(self, when: str, everything: bool = False) -> None:
+        """Wait while a replica lags (at the end: until every replica has replayed every batch)."""
+        if self.replicas:
+            limit = 0.0 if everything else self.s.max_replica_lag
+            self.replicas.hold(limit, self.should_stop, self.progress.waiting, when)
 
     def _record_end(self, state: str, message: str | None) -> None:
         assert self.run_id is not None
@@ -276,3 +297,95 @@ class Walk:
             pause = max(pause, scanned / self.s.max_rows_per_second - elapsed)
         if pause > 0:
             time.sleep(pause)
+
+
+@dataclass
+class RevertReport:
+    removed: int
+    batches: int
+    seconds: float
+
+
+class RevertWalk:
+    """One invocation of `revert`: the ledger's keyset, a batch of its rows at a time, on a connection that
+    holds the single-runner lock. Needs only the ledger (the runs table is optional)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        target: Target,
+        lock: RunnerLock,
+        settings: Settings,
+        should_stop: Callable[[], bool],
+        again: str = "`revert`",
+        replicas: Replicas | None = None,
+    ) -> None:
+        self.conn = conn
+        self.target = target
+        self.lock = lock
+        self.s = settings
+        self.should_stop = should_stop
+        self.again = again
+        self.replicas = replicas
+
+    def _retried(self, step: Callable[[], Any]) -> Any:
+        return with_retries(self.s.timeouts, step, lambda: recover(self.conn), self.conn.engine.url)
+
+    def _hold(self, limit: float, when: str) -> None:
+        if self.replicas:
+            self.replicas.hold(limit, self.should_stop, lambda lag: None, when)
+
+    def run(self) -> RevertReport:
+        started = time.monotonic()
+        conn, target = self.conn, self.target
+        claim = None
+        removed = batches = 0
+        lo: int | None = INT64_MIN
+        try:
+            if target.has_runs:
+                claim = self._retried(lambda: record.claim(conn, target, "reverting"))
+            while lo is not None:
+                if self.should_stop():
+                    raise BackfillError(getattr(self.should_stop, "reason", "stopped on request"), ExitCode.STOPPED)
+                self._hold(self.s.max_replica_lag, "before the next batch")
+                step = self._retried(lambda lo=lo: self._batch(lo))
+                if step is None:
+                    break
+                if self.replicas:
+                    self._retried(lambda: self.replicas.note(conn))  # type: ignore[union-attr]
+                hi, deleted = step
+                removed += deleted
+                batches += 1
+                lo = after(hi)
+                if self.s.sleep:
+                    time.sleep(self.s.sleep)
+            self._hold(0.0, "after the last batch")
+            if target.has_runs:
+                self._retried(lambda: record.mark_reverted(conn, target))
+        except BaseException as exc:
+            error = stopped(exc, self.should_stop)
+            if claim is not None and not stopped_answering(conn.engine):
+                with signals.finishing(self.should_stop), suppress(Exception):
+                    recover(conn)
+                    record.finish(conn, target, claim.run_id, "stopped", str(error or exc)[:500] or type(exc).__name__)
+            if error is not None and error.code == ExitCode.STOPPED:
+                raise BackfillError(
+                    f"{error}; revert stopped: {removed} rows removed this time and the ledger lists the rest, "
+                    f"which {self.again} again removes (do not `run`: it would insert them again)",
+                    ExitCode.STOPPED,
+                ) from None
+            raise
+        return RevertReport(removed, batches, time.monotonic() - started)
+
+    def _batch(self, lo: int) -> tuple[int, int] | None:
+        """Delete the ledger's rows in the next keyset range; returns (upper end, tags deleted) or None."""
+        conn, sql_ = self.conn, self.target.sql
+        self.lock.ensure()
+        with transaction(conn, sql_.begin_write):
+            hi = conn.execute(sa.text(sql_.revert_bound), {"lo": lo, "n": self.s.batch_size}).scalar()
+            if hi is None:
+                return None
+            tags, ledger_rows = sql_.revert
+            deleted = conn.execute(sa.text(tags), binds(lo=lo, hi=int(hi))).rowcount
+            conn.execute(sa.text(ledger_rows), binds(lo=lo, hi=int(hi)))
+        return int(hi), max(deleted, 0)

@@ -1,0 +1,200 @@
+"""Read replicas: hold the work while they lag, and wait until they have the result.
+
+MLflow 3 can serve every read, the UI's experiment list included, from a read replica
+(``--read-replica-backend-store-uri``). A backfill that outruns replication makes every page stale, and a
+result checked on the primary is not what users see. So, like gh-ost and pt-archiver, the tool measures
+each replica's lag before every batch and waits while it exceeds ``--max-replica-lag``, and at the end it
+waits until every replica has replayed the last batch.
+
+Lag is measured by position, never by a clock the replica reports (an idle replica that stopped replaying
+would read 0): after each batch the primary's position is noted with the time; a replica lags by the age
+of the oldest noted position it has not replayed yet.
+
+* PostgreSQL: the primary's ``pg_current_wal_insert_lsn()`` after the batch, against the replica's
+  ``pg_last_wal_replay_lsn()``. No privilege needed.
+* Oracle MySQL: the primary's ``@@GLOBAL.gtid_executed`` after the batch, against the replica's
+  ``GTID_SUBSET(position, @@GLOBAL.gtid_executed)`` (GTID replication, ``gtid_mode=ON``).
+* MariaDB: the batch's own GTID (``@@last_gtid``), against ``MASTER_GTID_WAIT(gtid, 0)`` on the replica.
+
+A replica that cannot be reached, or whose replication is stopped, lags ever more: it holds the work, and
+past ``--replica-timeout`` the work stops resumably (exit 7) with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from backfill.connect import close, connect, create_engine
+from backfill.errors import BackfillError, ExitCode, describe
+from backfill.retry import Timeouts
+from backfill.urls import display, parse_url
+
+DEFAULT_MAX_LAG = 5.0
+DEFAULT_TIMEOUT = 600.0
+POLL = 0.25  # seconds between two looks at a lagging replica
+
+
+@dataclass
+class Lag:
+    """One replica's state as last measured."""
+
+    replica: str  # its URL as it may be printed
+    seconds: float  # age of the oldest batch it has not replayed (0: it has everything)
+    pending: int  # batches it has not replayed
+    reason: str | None = None  # why it could not be measured (unreachable, not a replica, ...)
+
+
+def position_sql(flavor: str) -> str:
+    """What the primary reports as its position after a batch."""
+    return {
+        "postgresql": "SELECT CAST(pg_current_wal_insert_lsn() AS TEXT)",
+        "mysql": "SELECT @@GLOBAL.gtid_executed",
+        "mariadb": "SELECT @@last_gtid",
+    }[flavor]
+
+
+def replayed_sql(flavor: str) -> str:
+    """On a replica: 1 when it has replayed up to :pos, else 0 (NULL: it is not a replica)."""
+    return {
+        "postgresql": "SELECT CASE WHEN pg_is_in_recovery() THEN CAST(pg_last_wal_replay_lsn() >= CAST(:pos AS pg_lsn)"
+        " AS INTEGER) END",
+        "mysql": "SELECT GTID_SUBSET(:pos, @@GLOBAL.gtid_executed)",
+        "mariadb": "SELECT CASE WHEN MASTER_GTID_WAIT(:pos, 0) = 0 THEN 1 ELSE 0 END",
+    }[flavor]
+
+
+@dataclass
+class _Replica:
+    url: str
+    engine: Engine
+    conn: Connection | None = None
+    pending: deque[tuple[str, float]] = field(default_factory=deque)  # (primary position, when) not replayed
+
+    @property
+    def shown(self) -> str:
+        return display(self.engine.url)
+
+
+class Replicas:
+    """The replicas of one run: noted positions, lag, holding and the final wait."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        flavor: str,
+        timeouts: Timeouts,
+        max_lag: float = DEFAULT_MAX_LAG,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.flavor = flavor
+        self.timeouts = timeouts
+        self.max_lag = max_lag
+        self.timeout = timeout
+        self.replicas = [_Replica(u, create_engine(parse_url(u), timeouts, read_only=True)) for u in urls]
+        self.waited = 0.0  # seconds spent holding, for the report
+
+    def __bool__(self) -> bool:
+        return bool(self.replicas)
+
+    def check_flavor(self, flavor: str) -> None:
+        """Replicas must be of the primary's family (a MySQL replica of a MariaDB primary is not measurable)."""
+        if self.replicas and flavor != self.flavor:
+            raise BackfillError(f"replicas of a {flavor} primary cannot be {self.flavor} servers", ExitCode.USAGE)
+
+    def note(self, conn: Connection) -> None:
+        """After a batch committed on the primary: remember the position every replica must reach."""
+        if not self.replicas:
+            return
+        position = conn.execute(sa.text(position_sql(self.flavor))).scalar()
+        if not position:
+            raise BackfillError(
+                "the primary reports no replication position (MySQL needs gtid_mode=ON and MariaDB a binary log "
+                "to measure replica lag): lag cannot be measured, so the run will not go on blind",
+                ExitCode.STOPPED,
+            )
+        now = time.monotonic()
+        for replica in self.replicas:
+            replica.pending.append((str(position), now))
+
+    def measure(self) -> list[Lag]:
+        """Each replica's lag now (a replica that cannot be measured reports why)."""
+        return [self._measure(r) for r in self.replicas]
+
+    def _measure(self, replica: _Replica) -> Lag:
+        now = time.monotonic()
+        try:
+            if replica.conn is None or replica.conn.closed or replica.conn.invalidated:
+                replica.conn = connect(replica.engine)
+            while replica.pending:
+                done = replica.conn.execute(sa.text(replayed_sql(self.flavor)), {"pos": replica.pending[0][0]}).scalar()
+                if done is None:
+                    raise BackfillError(
+                        f"{replica.shown} is not a replica (pg_is_in_recovery() is false): give the URL of a standby",
+                        ExitCode.USAGE,
+                    )
+                if not done:
+                    break
+                replica.pending.popleft()
+        except BackfillError as exc:
+            if exc.code == ExitCode.USAGE:
+                raise
+            return self._unreachable(replica, now, exc)
+        except SQLAlchemyError as exc:
+            return self._unreachable(replica, now, describe(exc, replica.engine.url))
+        seconds = now - replica.pending[0][1] if replica.pending else 0.0
+        return Lag(replica.shown, seconds, len(replica.pending))
+
+    @staticmethod
+    def _unreachable(replica: _Replica, now: float, reason: BackfillError) -> Lag:
+        if replica.conn is not None:
+            close(replica.conn)
+            replica.conn = None
+        oldest = replica.pending[0][1] if replica.pending else now
+        return Lag(replica.shown, now - oldest, len(replica.pending), f"unreachable: {reason}")
+
+    def hold(
+        self,
+        limit: float,
+        should_stop: Callable[[], bool],
+        waiting: Callable[[Lag], None],
+        what: str,
+    ) -> None:
+        """Wait while any replica lags more than ``limit`` seconds (0: until each has replayed everything).
+
+        Gives up with exit 7 once ``timeout`` seconds pass without the replicas catching up.
+        """
+        if not self.replicas:
+            return
+        started = time.monotonic()
+        while True:
+            behind = [lag for lag in self.measure() if lag.reason or (lag.pending and lag.seconds >= limit)]
+            if not behind:
+                self.waited += time.monotonic() - started
+                return
+            worst = max(behind, key=lambda lag: lag.seconds)
+            if time.monotonic() - started >= self.timeout:
+                self.waited += time.monotonic() - started
+                state = worst.reason or f"lag {worst.seconds:.0f} s"
+                raise BackfillError(
+                    f"replica {worst.replica} did not catch up within --replica-timeout {self.timeout:g} s "
+                    f"({state}, {worst.pending} batches behind) {what}",
+                    ExitCode.STOPPED,
+                )
+            waiting(worst)
+            if should_stop():
+                self.waited += time.monotonic() - started
+                return
+            time.sleep(POLL)
+
+    def close(self) -> None:
+        for replica in self.replicas:
+            if replica.conn is not None:
+                close(replica.conn)
+            replica.engine.dispose()
