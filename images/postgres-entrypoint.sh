@@ -104,6 +104,9 @@ fi
 
 if [ "$role" = primary ]; then
     set -- -c wal_level=replica -c max_wal_senders=10 -c max_replication_slots=10 "$@"
+elif [ "$role" = replica ]; then
+    # Reconnect to a restarted primary within a second (PostgreSQL waits 5 s by default).
+    set -- -c wal_retrieve_retry_interval=1s "$@"
 fi
 
 # Settings for throw-away test databases, traded for speed: no fsync, no synchronous commit,

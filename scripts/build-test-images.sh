@@ -304,18 +304,26 @@ if ! command -v debootstrap >/dev/null; then
         die "'apt-get install debootstrap' failed"
 fi
 mirror=$(debian_mirror)
+declare -A old=()
+for name in "${!todo[@]}"; do old[$name]=$(docker image inspect -f '{{.Id}}' "$name" 2>/dev/null || true); done
+# One job per suite, all at once: the suites' roots are independent, and debootstrap is mostly
+# download and unpacking, so they overlap well. Within a suite the images are built one after the
+# other: their stages share the root's files (hard links), and deleting files in one stage changes
+# the link count, hence the ctime, of files that tar may be reading in the other.
+build_suite() {
+    local name own var suite pkgs kind version
+    ensure_root "$1"
+    for name in "${!todo[@]}"; do
+        spec "${todo[$name]}"
+        [ "$suite" != "$1" ] || build_image "${todo[$name]}" "$name"
+    done
+}
 suites=$(for b in "${todo[@]}"; do
     spec "$b"
     echo "$suite"
 done | sort -u)
-# The roots are independent: debootstrap is mostly download and unpacking, so they overlap well.
 # shellcheck disable=SC2086 # one suite a word
-in_parallel ensure_root $suites || die "could not make every Debian root (see the messages above)"
-
-declare -A old=()
-for name in "${!todo[@]}"; do old[$name]=$(docker image inspect -f '{{.Id}}' "$name" 2>/dev/null || true); done
-build_one() { build_image "${todo[$1]}" "$1"; }
-in_parallel build_one "${!todo[@]}" || rc=1
+in_parallel build_suite $suites || rc=1
 for name in "${!todo[@]}"; do
     new=$(docker image inspect -f '{{.Id}}' "$name" 2>/dev/null || true)
     # Best effort: an old image still used by a container stays until that is removed.

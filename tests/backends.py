@@ -74,7 +74,7 @@ SERVER_BACKENDS: dict[str, ServerBackend] = {
         ServerBackend("mariadb-11", "mysql", "MGB_MARIADB_11_IMAGE", "mlflow-gateway-backfill/mariadb:11.8"),
     )
 }
-# What the entrypoints of our images set on their images (scripts/build-test-images.sh).
+# The label scripts/build-test-images.sh puts on the images it builds (a hash of their recipe).
 _RECIPE_LABEL = "org.mlflow-gateway-backfill.recipe"
 
 DbContainer = PostgresContainer | MySqlContainer
@@ -211,6 +211,16 @@ def _scalar(container: DbContainer, statement: str, **params: object) -> object:
         engine.dispose()
 
 
+def _run(container: DbContainer, statement: str) -> None:
+    """Run one statement (autocommit) on the container's database, ignoring what it returns."""
+    engine = sqlalchemy.create_engine(container.get_connection_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(statement))
+    finally:
+        engine.dispose()
+
+
 def server_version(container: DbContainer) -> str:
     """Return what ``SELECT version()`` returns on ``container``'s server."""
     return str(_scalar(container, "SELECT version()"))
@@ -233,22 +243,12 @@ _PAUSE = {
 
 def pause_replication(replica: DbContainer) -> None:
     """Stop applying changes on ``replica`` (it keeps receiving them): from now on it lags."""
-    _scalar_or_none(replica, _PAUSE[_flavour(replica)][0])
+    _run(replica, _PAUSE[_flavour(replica)][0])
 
 
 def resume_replication(replica: DbContainer) -> None:
     """Apply changes on ``replica`` again (see :func:`wait_for_replica` to wait until it caught up)."""
-    _scalar_or_none(replica, _PAUSE[_flavour(replica)][1])
-
-
-def _scalar_or_none(container: DbContainer, statement: str) -> None:
-    """Run a statement that may return no rows (autocommit)."""
-    engine = sqlalchemy.create_engine(container.get_connection_url(), isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text(statement))
-    finally:
-        engine.dispose()
+    _run(replica, _PAUSE[_flavour(replica)][1])
 
 
 def wait_for_replica(primary: DbContainer, replica: DbContainer, timeout: float = 60) -> None:
