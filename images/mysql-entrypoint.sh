@@ -27,6 +27,9 @@
 #                             Each server runs its own init (users, MYSQL_DATABASE, initdb.d scripts)
 #                             outside the binary log, so it is not replicated: the replica copies what
 #                             the primary does once it is ready.
+#                             Stopping a primary while a replica is connected takes about 10 s (its
+#                             binlog dump thread is slow to notice the shutdown): Docker's default stop
+#                             timeout is 10 s, so give `docker stop`/`restart` of a primary `-t 30`.
 #   MGB_REPLICATION_USER      the user replicas connect as (default: replicator);
 #   MGB_REPLICATION_PASSWORD  its password (required for a primary and a replica);
 #   MGB_PRIMARY_HOST          replica: the primary's host name (e.g. its alias on a user-defined network);

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -100,7 +101,7 @@ def mysql_auth_probe(container: backends.DbContainer, user_url: sa.URL) -> None:
 def smoke_server(backend_id: str) -> dict[str, object]:
     result: dict[str, object] = {"backend": backend_id, "image": backends.image_for(backend_id)}
     t0 = time.monotonic()
-    container = backends.start_server(backend_id, name=f"mgb-smoke-{backend_id}")
+    container = backends.start_server(backend_id, name=f"mgb-smoke-{backend_id}-{secrets.token_hex(3)}")
     try:
         result["ready_s"] = round(time.monotonic() - t0, 1)
         version = backends.server_version(container)
@@ -139,7 +140,7 @@ def smoke_server(backend_id: str) -> dict[str, object]:
         )
         assert scalar(user_url, "SELECT count(*) FROM t") == 3, "the client in the container did not run the script"
         result["restart_s"] = round(restart(container), 1)
-        # First logins after the restart: as the ordinary user first (MySQL: full authentication).
+        # The ordinary user's first login after the restart (MySQL: full authentication, cache empty).
         assert scalar(user_url, "SELECT count(*) FROM t") == 3
         assert backends.server_version(container) == version
         log(f"[{backend_id}] docker restart + ready in {result['restart_s']} s; both users log in again, data kept")
