@@ -2,10 +2,23 @@
 
 The images are never pulled (no registry is reachable on the project's machines):
 they must exist locally. By default they are the stand-ins that
-``scripts/build-test-images.sh`` builds (PostgreSQL 15 and MariaDB 10.11 from Debian
-packages); ``MGB_POSTGRES_IMAGE`` and ``MGB_MYSQL_IMAGE`` select others (e.g.
-``postgres:16``, ``mysql:8.4`` on a host that could pull them). The unmodified
-testcontainers classes start them.
+``scripts/build-test-images.sh`` builds from Debian packages, one per backend id:
+
+==============  =======================  ======================================
+backend id      image variable           default image
+==============  =======================  ======================================
+postgresql      MGB_POSTGRES_IMAGE       mlflow-gateway-backfill/postgres:15
+postgresql-18   MGB_POSTGRES_18_IMAGE    mlflow-gateway-backfill/postgres:18
+mysql           MGB_MYSQL_IMAGE          mlflow-gateway-backfill/mysql:9.7
+mariadb         MGB_MARIADB_IMAGE        mlflow-gateway-backfill/mariadb:10.11
+mariadb-11      MGB_MARIADB_11_IMAGE     mlflow-gateway-backfill/mariadb:11.8
+==============  =======================  ======================================
+
+An image variable selects another image (e.g. ``postgres:17``, ``mysql:8.4``,
+``mariadb:11`` on a host that could pull them). The unmodified testcontainers classes
+start them: :func:`start_server`. :func:`start_primary_and_replica` makes a replication
+pair of our own images (their entrypoints read ``MGB_REPLICATION`` and friends; see
+images/*-entrypoint.sh).
 
 One container per server is meant to serve a whole session; each test gets a fresh
 database on it through :func:`new_postgres_database` / :func:`new_mysql_database`.
@@ -19,6 +32,8 @@ import secrets
 import shutil
 import socket
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -33,12 +48,34 @@ if Path("/.dockerenv").exists():
 
 import docker
 import sqlalchemy
-from docker.errors import DockerException, ImageNotFound
+from docker.errors import DockerException, ImageNotFound, NotFound
 from testcontainers.community.mysql import MySqlContainer
 from testcontainers.community.postgres import PostgresContainer
+from testcontainers.core.network import Network
 
-DEFAULT_POSTGRES_IMAGE = "mlflow-gateway-backfill/postgres:15"
-DEFAULT_MYSQL_IMAGE = "mlflow-gateway-backfill/mariadb:10.11"
+
+@dataclass(frozen=True)
+class ServerBackend:
+    """A server backend id, its image variable and our image for it."""
+
+    id: str
+    family: str  # "postgresql" or "mysql" (MySQL and MariaDB)
+    variable: str
+    default_image: str
+
+
+SERVER_BACKENDS: dict[str, ServerBackend] = {
+    b.id: b
+    for b in (
+        ServerBackend("postgresql", "postgresql", "MGB_POSTGRES_IMAGE", "mlflow-gateway-backfill/postgres:15"),
+        ServerBackend("postgresql-18", "postgresql", "MGB_POSTGRES_18_IMAGE", "mlflow-gateway-backfill/postgres:18"),
+        ServerBackend("mysql", "mysql", "MGB_MYSQL_IMAGE", "mlflow-gateway-backfill/mysql:9.7"),
+        ServerBackend("mariadb", "mysql", "MGB_MARIADB_IMAGE", "mlflow-gateway-backfill/mariadb:10.11"),
+        ServerBackend("mariadb-11", "mysql", "MGB_MARIADB_11_IMAGE", "mlflow-gateway-backfill/mariadb:11.8"),
+    )
+}
+# The label scripts/build-test-images.sh puts on the images it builds (a hash of their recipe).
+_RECIPE_LABEL = "org.mlflow-gateway-backfill.recipe"
 
 DbContainer = PostgresContainer | MySqlContainer
 _C = TypeVar("_C", PostgresContainer, MySqlContainer)
@@ -50,14 +87,32 @@ _SETUP_HINT = (
 _DB_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
+def server_backend(backend_id: str) -> ServerBackend:
+    """Return the description of server backend ``backend_id``; ValueError for an unknown id."""
+    try:
+        return SERVER_BACKENDS[backend_id]
+    except KeyError:
+        raise ValueError(f"unknown server backend {backend_id!r}; choose from {sorted(SERVER_BACKENDS)}") from None
+
+
+def image_for(backend_id: str) -> str:
+    """Return the image for ``backend_id``: its variable's value, or our own image."""
+    backend = server_backend(backend_id)
+    return os.environ.get(backend.variable) or backend.default_image
+
+
 def postgres_image() -> str:
-    """Return the PostgreSQL image: ``$MGB_POSTGRES_IMAGE`` or our own default."""
-    return os.environ.get("MGB_POSTGRES_IMAGE") or DEFAULT_POSTGRES_IMAGE
+    """Return the image of :func:`start_postgres`: the ``postgresql`` backend's."""
+    return image_for("postgresql")
 
 
 def mysql_image() -> str:
-    """Return the MySQL-family image: ``$MGB_MYSQL_IMAGE`` or our own default."""
-    return os.environ.get("MGB_MYSQL_IMAGE") or DEFAULT_MYSQL_IMAGE
+    """Return the image of :func:`start_mysql` (kept for the current conftest).
+
+    ``$MGB_MYSQL_IMAGE`` when set, as before; otherwise the ``mariadb`` backend's image
+    (MariaDB 10.11), which served as the MySQL family before Oracle MySQL was built here.
+    """
+    return os.environ.get("MGB_MYSQL_IMAGE") or image_for("mariadb")
 
 
 def _require_local_image(image: str, variable: str) -> None:
@@ -103,25 +158,260 @@ def _start(container: _C) -> _C:
     return container
 
 
+def _container(backend_id: str, image: str, password: str, name: str | None = None) -> DbContainer:
+    """An unstarted container of ``image`` for ``backend_id`` (superuser/root, database ``mgb``)."""
+    if server_backend(backend_id).family == "postgresql":
+        return PostgresContainer(image, username="mgb", password=password, dbname="mgb", driver="psycopg", name=name)
+    # As root (MySqlContainer then sets only MYSQL_ROOT_PASSWORD and MYSQL_DATABASE, and its
+    # URL uses root), so the tests can create users and databases.
+    return MySqlContainer(image, username="root", password=password, dbname="mgb", dialect="pymysql", name=name)
+
+
+def start_server(backend_id: str, *, name: str | None = None) -> DbContainer:
+    """Start a server for ``backend_id`` (see the table above) and return its container.
+
+    PostgreSQL: superuser and database ``mgb``, a ``postgresql+psycopg://`` URL. The MySQL
+    family: ``root`` and database ``mgb``, a ``mysql+pymysql://`` URL. The port is published
+    on a fixed free host port, so the URL survives ``docker restart``. ``name`` names the
+    container (Docker picks one otherwise).
+    """
+    image = image_for(backend_id)
+    _require_local_image(image, server_backend(backend_id).variable)
+    return _start(_container(backend_id, image, secrets.token_hex(12), name))
+
+
 def start_postgres() -> PostgresContainer:
     """Start a PostgreSQL container (superuser and database ``mgb``) and return it."""
-    image = postgres_image()
-    _require_local_image(image, "MGB_POSTGRES_IMAGE")
-    container = PostgresContainer(image, username="mgb", password=secrets.token_hex(12), dbname="mgb", driver="psycopg")
-    return _start(container)
+    container = start_server("postgresql")
+    assert isinstance(container, PostgresContainer)
+    return container
 
 
 def start_mysql() -> MySqlContainer:
-    """Start a MySQL-family container and return it.
+    """Start the MySQL-family container of the current conftest (:func:`mysql_image`) and return it.
 
     The tests connect as ``root`` (MySqlContainer then sets only
     ``MYSQL_ROOT_PASSWORD`` and ``MYSQL_DATABASE``, and its URL uses root), so they can
     create users and databases.
     """
     image = mysql_image()
-    _require_local_image(image, "MGB_MYSQL_IMAGE")
-    container = MySqlContainer(image, username="root", password=secrets.token_hex(12), dbname="mgb", dialect="pymysql")
+    _require_local_image(image, "MGB_MYSQL_IMAGE" if os.environ.get("MGB_MYSQL_IMAGE") else "MGB_MARIADB_IMAGE")
+    container = _container("mariadb", image, secrets.token_hex(12))
+    assert isinstance(container, MySqlContainer)
     return _start(container)
+
+
+def _scalar(container: DbContainer, statement: str, **params: object) -> object:
+    """Run one statement (autocommit) on the container's database; return the first column of its first row."""
+    engine = sqlalchemy.create_engine(container.get_connection_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sqlalchemy.text(statement), params).scalar()
+    finally:
+        engine.dispose()
+
+
+def _run(container: DbContainer, statement: str) -> None:
+    """Run one statement (autocommit) on the container's database, ignoring what it returns."""
+    engine = sqlalchemy.create_engine(container.get_connection_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(statement))
+    finally:
+        engine.dispose()
+
+
+def server_version(container: DbContainer) -> str:
+    """Return what ``SELECT version()`` returns on ``container``'s server."""
+    return str(_scalar(container, "SELECT version()"))
+
+
+def _flavour(container: DbContainer) -> str:
+    """``"postgresql"``, ``"mysql"`` or ``"mariadb"``: which server runs in ``container``."""
+    if isinstance(container, PostgresContainer):
+        return "postgresql"
+    return "mariadb" if "mariadb" in server_version(container).lower() else "mysql"
+
+
+# Per server: statements that stop / restart applying what the replica has received.
+_PAUSE = {
+    "postgresql": ("SELECT pg_wal_replay_pause()", "SELECT pg_wal_replay_resume()"),
+    "mysql": ("STOP REPLICA SQL_THREAD", "START REPLICA SQL_THREAD"),
+    "mariadb": ("STOP SLAVE SQL_THREAD", "START SLAVE SQL_THREAD"),
+}
+
+
+def pause_replication(replica: DbContainer) -> None:
+    """Stop applying changes on ``replica`` (it keeps receiving them): from now on it lags."""
+    _run(replica, _PAUSE[_flavour(replica)][0])
+
+
+def resume_replication(replica: DbContainer) -> None:
+    """Apply changes on ``replica`` again (see :func:`wait_for_replica` to wait until it caught up)."""
+    _run(replica, _PAUSE[_flavour(replica)][1])
+
+
+def wait_for_replica(primary: DbContainer, replica: DbContainer, timeout: float = 60) -> None:
+    """Wait until ``replica`` has applied everything committed on ``primary`` so far.
+
+    PostgreSQL: replay reached the primary's current WAL insert position. MySQL: the primary's
+    ``gtid_executed`` (``WAIT_FOR_EXECUTED_GTID_SET``). MariaDB: its ``gtid_binlog_pos``
+    (``MASTER_GTID_WAIT``). Raises TimeoutError, with the replica's replication status, when
+    it does not catch up in ``timeout`` seconds (e.g. while replication is paused).
+    """
+    flavour = _flavour(primary)
+    if flavour == "postgresql":
+        # The insert position: with synchronous_commit=off a commit returns before its WAL is written.
+        lsn = _scalar(primary, "SELECT pg_current_wal_insert_lsn()::text")
+        deadline = time.monotonic() + timeout
+        while not _scalar(replica, "SELECT pg_last_wal_replay_lsn() >= CAST(:lsn AS pg_lsn)", lsn=lsn):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replica did not replay up to {lsn} in {timeout} s: {_replica_status(replica)}")
+            time.sleep(0.05)
+        return
+    if flavour == "mysql":
+        position = _scalar(primary, "SELECT @@GLOBAL.gtid_executed")
+        waited = _scalar(replica, "SELECT WAIT_FOR_EXECUTED_GTID_SET(:pos, :t)", pos=position, t=timeout)
+    else:
+        position = _scalar(primary, "SELECT @@GLOBAL.gtid_binlog_pos")
+        waited = _scalar(replica, "SELECT MASTER_GTID_WAIT(:pos, :t)", pos=position, t=timeout)
+    if waited != 0:
+        raise TimeoutError(f"the replica did not apply {position!r} in {timeout} s: {_replica_status(replica)}")
+
+
+def _replica_status(replica: DbContainer) -> str:
+    """A one-line summary of the replica's replication state, for error messages."""
+    engine = sqlalchemy.create_engine(replica.get_connection_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            if isinstance(replica, PostgresContainer):
+                row = connection.execute(
+                    sqlalchemy.text(
+                        "SELECT pg_is_in_recovery(), pg_get_wal_replay_pause_state(), "
+                        "(SELECT status FROM pg_stat_wal_receiver), pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()"
+                    )
+                ).one()
+                return "in recovery {}, replay {}, receiver {}, received {}, replayed {}".format(*row)
+            statement = "SHOW SLAVE STATUS" if _flavour(replica) == "mariadb" else "SHOW REPLICA STATUS"
+            status = connection.execute(sqlalchemy.text(statement)).mappings().first()
+            if status is None:
+                return "no replication configured"
+            keys = [k for k in status if re.search(r"Running$|Last_(IO|SQL)_Error$|Gtid", k)]
+            return ", ".join(f"{k}={status[k]!r}" for k in keys)
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        return f"(status unavailable: {exc})"
+    finally:
+        engine.dispose()
+
+
+def _is_our_image(image: str) -> bool:
+    """Whether ``image`` was built by scripts/build-test-images.sh (its entrypoint knows MGB_REPLICATION)."""
+    client = docker.from_env()
+    try:
+        return _RECIPE_LABEL in (client.images.get(image).labels or {})
+    finally:
+        client.close()
+
+
+def start_primary_and_replica(backend_id: str) -> tuple[DbContainer, DbContainer, Network]:
+    """Start a primary and a streaming replica of it for ``backend_id``; return (primary, replica, network).
+
+    Both are containers of the backend's image (ours: official images do not read the
+    ``MGB_REPLICATION`` variables) on a new user-defined Docker network, where the primary
+    is reachable as ``primary``; both publish their port on the host like :func:`start_server`
+    and have the same superuser/root password and database ``mgb``. PostgreSQL: a hot standby
+    made by ``pg_basebackup -R``; MySQL: GTID auto-positioning; MariaDB: ``MASTER_USE_GTID=slave_pos``.
+    The replica is read-only for ordinary users. Returns once the replica has applied a first
+    write (table ``heartbeat`` in database ``mgb_replication`` on the primary). Clean up with
+    :func:`stop_replication_pair`.
+    """
+    backend = server_backend(backend_id)
+    image = image_for(backend_id)
+    _require_local_image(image, backend.variable)
+    if not _is_our_image(image):
+        raise RuntimeError(
+            f"{image!r} (${backend.variable}) is not one of the images scripts/build-test-images.sh builds: "
+            "replication pairs need their MGB_REPLICATION support; unset the variable"
+        )
+    tag = f"mgb-repl-{backend_id}-{secrets.token_hex(4)}"
+    password, replication_password = secrets.token_hex(12), secrets.token_hex(12)
+    network = Network()
+    network.name = tag
+    network.create()
+    primary: DbContainer | None = None
+    replica: DbContainer | None = None
+    try:
+        primary = _container(backend_id, image, password, name=f"{tag}-primary")
+        primary.with_network(network).with_network_aliases("primary")
+        primary.with_env("MGB_REPLICATION", "primary").with_env("MGB_SERVER_ID", "1")
+        primary.with_env("MGB_REPLICATION_PASSWORD", replication_password)
+        _start(primary)
+        replica = _container(backend_id, image, password, name=f"{tag}-replica")
+        replica.with_network(network)
+        replica.with_env("MGB_REPLICATION", "replica").with_env("MGB_SERVER_ID", "2")
+        replica.with_env("MGB_REPLICATION_PASSWORD", replication_password)
+        replica.with_env("MGB_PRIMARY_HOST", "primary").with_env("MGB_PRIMARY_PORT", str(primary.port))
+        _start(replica)
+        _first_write(primary, replica)
+    except BaseException:
+        stop_replication_pair(primary, replica, network)
+        raise
+    return primary, replica, network
+
+
+def _first_write(primary: DbContainer, replica: DbContainer, timeout: float = 60) -> None:
+    """Write a row on the primary and wait until the replica has it."""
+    token = secrets.token_hex(8)
+    if isinstance(primary, PostgresContainer):
+        _execute_autocommit(_url_for(primary, "postgres"), "CREATE DATABASE mgb_replication")
+        url = _url_for(primary, "mgb_replication")
+        table = "heartbeat"
+    else:
+        _execute_autocommit(_url_for(primary, primary.dbname), "CREATE DATABASE mgb_replication")
+        url = _url_for(primary, primary.dbname)
+        table = "mgb_replication.heartbeat"
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, token VARCHAR(32))"))
+            connection.execute(sqlalchemy.text(f"INSERT INTO {table} VALUES (1, :token)"), {"token": token})
+    finally:
+        engine.dispose()
+    replica_url = _url_for(replica, "mgb_replication" if isinstance(replica, PostgresContainer) else replica.dbname)
+    deadline = time.monotonic() + timeout
+    while True:
+        engine = sqlalchemy.create_engine(replica_url)
+        try:
+            with engine.connect() as connection:
+                if connection.execute(sqlalchemy.text(f"SELECT token FROM {table}")).scalar() == token:
+                    return
+        except sqlalchemy.exc.DBAPIError:
+            pass  # the database or table is not there yet
+        finally:
+            engine.dispose()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the replica did not get a first write in {timeout} s: {_replica_status(replica)}")
+        time.sleep(0.1)
+
+
+def stop_replication_pair(primary: DbContainer | None, replica: DbContainer | None, network: Network | None) -> None:
+    """Remove the containers and the network of :func:`start_primary_and_replica` (any may be None)."""
+    errors: list[BaseException] = []
+    for container in (replica, primary):
+        if container is not None and container.get_wrapped_container() is not None:
+            try:
+                container.stop()
+            except Exception as exc:  # noqa: BLE001 - the others are still removed
+                errors.append(exc)
+    if network is not None:
+        try:
+            network.remove()
+        except NotFound:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def _check_name(name: str) -> str:
@@ -190,8 +480,9 @@ def run_sql_in_container(container: DbContainer, dialect: str, database: str, sq
 
     ``dialect`` is ``"postgresql"`` (runs ``psql``, stopping at the first error) or
     ``"mysql"`` / ``"mariadb"`` (runs ``mariadb``, or ``mysql`` where only that exists,
-    as root). The script is fed to the client's standard input through
-    ``docker exec -i``. Raises RuntimeError with the client's output if it fails.
+    as root), or any server backend id (``postgresql-18``, ``mariadb-11``, ...). The
+    script is fed to the client's standard input through ``docker exec -i``. Raises
+    RuntimeError with the client's output if it fails.
     """
     docker_cli = shutil.which("docker")
     if docker_cli is None:
@@ -199,11 +490,12 @@ def run_sql_in_container(container: DbContainer, dialect: str, database: str, sq
     wrapped = container.get_wrapped_container()
     if wrapped is None:
         raise RuntimeError("the container has not been started")
-    if dialect.startswith("postgres") and isinstance(container, PostgresContainer):
+    family = SERVER_BACKENDS[dialect].family if dialect in SERVER_BACKENDS else dialect
+    if family.startswith("postgres") and isinstance(container, PostgresContainer):
         env = f"PGPASSWORD={container.password}"
         client = ["psql", "--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1"]
         client += [f"--username={container.username}", f"--dbname={database}"]
-    elif dialect in ("mysql", "mariadb") and isinstance(container, MySqlContainer):
+    elif family in ("mysql", "mariadb") and isinstance(container, MySqlContainer):
         # MYSQL_PWD keeps the password off the command line; the official mysql images
         # have no `mariadb` command, hence the fallback to `mysql`.
         env = f"MYSQL_PWD={container.root_password}"
