@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import select
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -391,13 +393,28 @@ def verify(
 
 
 def _confirm(prompt: str) -> bool:
-    """Ask on the terminal. Ctrl-D (or anything but yes) declines; Ctrl-C or SIGTERM interrupts (exit 7)."""
+    """Ask on the terminal. Ctrl-D (or anything but yes) declines; Ctrl-C or SIGTERM interrupts (exit 7).
+
+    The answer is awaited with select() on stdin and the signal wakeup pipe: a signal that arrives just as
+    the read would begin still ends the wait (``input()`` could miss it and wait forever).
+    """
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
     with signals.handled(immediate=True):
+        previous = signal.set_wakeup_fd(wake_w)
         try:
-            answer = input(f"{prompt} [y/N]: ")
-        except EOFError:
-            click.echo("")
-            return False
+            sys.stdout.write(f"{prompt} [y/N]: ")
+            sys.stdout.flush()
+            while sys.stdin not in select.select([sys.stdin, wake_r], [], [])[0]:
+                os.read(wake_r, 64)  # a signal: its handler runs (and raises) right here
+            answer = sys.stdin.readline()
+        finally:
+            signal.set_wakeup_fd(previous)
+            os.close(wake_r)
+            os.close(wake_w)
+    if not answer:  # Ctrl-D: no answer is no
+        click.echo("")
+        return False
     return answer.strip().lower() in ("y", "yes")
 
 

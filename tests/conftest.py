@@ -1,12 +1,17 @@
-"""Backends as a pytest parameter: every test that takes ``db`` runs on sqlite, postgresql and mysql.
+"""Backends as a pytest parameter: every test that takes ``db`` runs on each server MLflow users run.
 
-Which backends: ``MGB_TEST_BACKENDS`` (default ``sqlite,postgresql,mysql``). Servers: one container per
-backend per session (see tests/backends.py), or an existing server given by ``MGB_TEST_POSTGRES_URL`` /
-``MGB_TEST_MYSQL_URL`` (a user that may create databases). A requested backend that cannot be reached
-fails the tests that need it; it is never skipped.
+Backend ids: ``sqlite``, ``postgresql`` (15), ``postgresql-18``, ``mysql`` (Oracle MySQL 9.7), ``mariadb``
+(10.11), ``mariadb-11`` (11.8); ``MGB_TEST_BACKENDS`` picks some (default: all). Servers: one container per
+backend per session, started in parallel when the session starts (tests/backends.py; images built offline by
+scripts/build-test-images.sh, never pulled), or an existing server given by ``MGB_TEST_<ID>_URL`` (e.g.
+``MGB_TEST_POSTGRESQL_18_URL``; a user that may create databases). A requested backend that cannot be
+reached fails the tests that need it; it is never skipped. pytest's header names each server and its
+version as the server reports it.
 
-Each test gets a fresh database holding MLflow's schema (copied from a template that real MLflow created
-once per session) and no data besides MLflow's Default experiment.
+``@pytest.mark.backends(...)`` limits a test to some backends, named by id or by SQL dialect
+(``postgresql`` and ``mysql`` stand for their whole family: ``backends("mysql")`` is Oracle MySQL and both
+MariaDBs). Each test gets a fresh database holding MLflow's schema (copied from a template that real
+MLflow created once per session) and no data besides MLflow's Default experiment.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,17 @@ import sqlalchemy as sa
 
 from tests.mlflow_data import mlflow_store
 
-BACKENDS = ("sqlite", "postgresql", "mysql")
+BACKENDS = ("sqlite", "postgresql", "postgresql-18", "mysql", "mariadb", "mariadb-11")
+DIALECTS = {
+    "sqlite": "sqlite",
+    "postgresql": "postgresql",
+    "postgresql-18": "postgresql",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+    "mariadb-11": "mysql",
+}
+FLAVORS = {"sqlite": "sqlite", "postgresql": "postgresql", "postgresql-18": "postgresql", "mysql": "mysql"}
+FLAVORS |= {"mariadb": "mariadb", "mariadb-11": "mariadb"}
 
 
 def selected_backends() -> list[str]:
@@ -42,13 +58,38 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         backends = selected_backends()
         only = metafunc.definition.get_closest_marker("backends")
         if only:
-            backends = [b for b in backends if b in only.args]
+            backends = [b for b in backends if b in only.args or DIALECTS[b] in only.args]
         metafunc.parametrize("backend", backends, ids=backends, scope="session")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "backends(*names): run only on these backends")
+    config.addinivalue_line("markers", "backends(*names): run only on these backends (ids or dialects)")
     config.addinivalue_line("markers", "migration_check: the CI migration check (make migration-check)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start every selected server at once (they take seconds each), before the header names them."""
+    if session.config.option.collectonly or hasattr(session.config, "workerinput"):
+        return
+    tmp = Path(session.config._tmp_path_factory.mktemp("servers"))  # type: ignore[attr-defined]
+    wanted = [b for b in selected_backends() if b not in _servers and b not in _failed]
+    with ThreadPoolExecutor(max_workers=max(1, len(wanted))) as pool:
+        for backend, future in [(b, pool.submit(_start_server, b, tmp / b)) for b in wanted]:
+            try:
+                _servers[backend] = future.result()
+            except Exception as exc:  # noqa: BLE001 - reported as a failure of every test that needs it
+                _failed[backend] = f"backend {backend!r} requested but unavailable: {exc}"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = []
+    for backend in selected_backends():
+        if backend in _servers:
+            lines.append(f"backend {backend}: {_servers[backend].version}")
+        elif backend in _failed:
+            lines.append(f"backend {backend}: UNAVAILABLE ({_failed[backend]})")
+    return lines
 
 
 @dataclass
@@ -61,6 +102,15 @@ class Server:
     container: Any = None
     template: str | None = None
     created: list[str] = field(default_factory=list)
+    version: str = ""  # what the server says it is (SELECT version())
+
+    @property
+    def dialect(self) -> str:
+        return DIALECTS[self.backend]
+
+    @property
+    def flavor(self) -> str:
+        return FLAVORS[self.backend]
 
     def _admin(self, statement: str) -> None:
         engine = sa.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
@@ -71,16 +121,16 @@ class Server:
             engine.dispose()
 
     def url_for(self, name: str) -> str:
-        if self.backend == "sqlite":
+        if self.dialect == "sqlite":
             return f"sqlite:///{self.tmp / (name + '.db')}"
         return sa.make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
 
     def new_database(self, name: str | None = None) -> str:
         """An empty database; returns its URL."""
         name = name or f"t_{uuid.uuid4().hex[:12]}"
-        if self.backend == "postgresql":
+        if self.dialect == "postgresql":
             self._admin(f'CREATE DATABASE "{name}"')
-        elif self.backend == "mysql":
+        elif self.dialect == "mysql":
             self._admin(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
         else:
             sa.create_engine(self.url_for(name)).connect().close()
@@ -99,13 +149,13 @@ class Server:
         if "://" in source:
             source = (
                 Path(sa.make_url(source).database or "").stem
-                if self.backend == "sqlite"
+                if self.dialect == "sqlite"
                 else (sa.make_url(source).database or "")
             )
         name = f"t_{uuid.uuid4().hex[:12]}"
-        if self.backend == "sqlite":
+        if self.dialect == "sqlite":
             shutil.copyfile(self.tmp / f"{source}.db", self.tmp / f"{name}.db")
-        elif self.backend == "postgresql":
+        elif self.dialect == "postgresql":
             self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
         else:
             self._copy_mysql(source, name)
@@ -135,7 +185,7 @@ class Server:
     def run_sql_script(self, url: str, script: str) -> None:
         """Apply a SQL script with the database's own client (psql / mariadb), as a DBA would."""
         database = sa.make_url(url).database
-        if self.backend == "sqlite":
+        if self.dialect == "sqlite":
             subprocess.run(
                 ["sqlite3", database], input=script, text=True, check=True, capture_output=True
             ) if shutil.which("sqlite3") else _sqlite_executescript(database, script)
@@ -144,13 +194,13 @@ class Server:
 
             run_sql_in_container(self.container, self.backend, database, script)
         else:
-            _run_local_client(self.backend, url, script)
+            _run_local_client(self.dialect, url, script)
 
     def drop_all(self) -> None:
         for name in self.created:
-            if self.backend == "postgresql":
+            if self.dialect == "postgresql":
                 self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            elif self.backend == "mysql":
+            elif self.dialect == "mysql":
                 self._admin(f"DROP DATABASE IF EXISTS `{name}`")
 
 
@@ -197,19 +247,38 @@ def _run_local_client(backend: str, url: str, script: str) -> None:
 
 def _start_server(backend: str, tmp: Path) -> Server:
     if backend == "sqlite":
-        return Server(backend, tmp)
-    env_url = os.environ.get(f"MGB_TEST_{backend.upper()}_URL")
+        import sqlite3
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        return Server(backend, tmp, version=f"SQLite {sqlite3.sqlite_version}")
+    from backfill.urls import parse_url
+
+    env_url = os.environ.get(f"MGB_TEST_{backend.upper().replace('-', '_')}_URL")
     if env_url:
-        from backfill.urls import parse_url
+        server = Server(backend, tmp, admin_url=parse_url(env_url).render_as_string(hide_password=False))
+    else:
+        from tests import backends
 
-        return Server(backend, tmp, admin_url=parse_url(env_url).render_as_string(hide_password=False))
-    from tests import backends
-
-    container = backends.start_postgres() if backend == "postgresql" else backends.start_mysql()
-    url = sa.make_url(container.get_connection_url())
-    if backend == "postgresql":
-        url = url.set(drivername="postgresql+psycopg", database="postgres")
-    return Server(backend, tmp, admin_url=url.render_as_string(hide_password=False), container=container)
+        container = backends.start_server(backend)
+        url = sa.make_url(container.get_connection_url())
+        if DIALECTS[backend] == "postgresql":
+            url = url.set(drivername="postgresql+psycopg", database="postgres")
+        server = Server(backend, tmp, admin_url=url.render_as_string(hide_password=False), container=container)
+    engine = sa.create_engine(server.admin_url)
+    try:
+        with engine.connect() as conn:
+            server.version = str(conn.execute(sa.text("SELECT version()")).scalar())
+            if FLAVORS[backend] == "mariadb" and conn.execute(sa.text("SELECT @@innodb_snapshot_isolation")).first():
+                # MariaDB 11.6+ turns snapshot isolation on by default, and MLflow 3.10's gateway store then
+                # fails with error 1020 ("Record has changed since last read") as it creates an endpoint, so
+                # the fixtures that make real gateway experiments could not. The tool itself runs at READ
+                # COMMITTED, which the setting does not affect.
+                conn.execute(sa.text("SET GLOBAL innodb_snapshot_isolation = OFF"))
+    except sa.exc.OperationalError:
+        pass  # MariaDB before 11.6 has no such variable
+    finally:
+        engine.dispose()
+    return server
 
 
 _servers: dict[str, Server] = {}
@@ -247,6 +316,14 @@ class Db:
     url: str
     server: Server
     engine: sa.Engine
+
+    @property
+    def dialect(self) -> str:
+        return DIALECTS[self.backend]
+
+    @property
+    def flavor(self) -> str:
+        return FLAVORS[self.backend]
 
     def tags(self) -> set[tuple[int, str, str | None]]:
         tags = sa.Table("experiment_tags", sa.MetaData(), autoload_with=self.engine)

@@ -60,12 +60,12 @@ class Blocker:
     """Another session holding exactly the lock a batch on experiment 100005 needs, until released."""
 
     def __init__(self, db: Db) -> None:
-        self.engine = sa.create_engine(db.url, connect_args={"timeout": 30} if db.backend == "sqlite" else {})
+        self.engine = sa.create_engine(db.url, connect_args={"timeout": 30} if db.dialect == "sqlite" else {})
         self.conn = self.engine.connect()
-        if db.backend == "sqlite":
+        if db.dialect == "sqlite":
             self.conn.connection.dbapi_connection.isolation_level = None
             self.conn.exec_driver_sql("BEGIN IMMEDIATE")  # the database's write lock
-        elif db.backend == "postgresql":  # an uncommitted isGateway row: our insert waits on it
+        elif db.dialect == "postgresql":  # an uncommitted isGateway row: our insert waits on it
             self.conn.execute(
                 sa.text("INSERT INTO experiment_tags (key, value, experiment_id) VALUES (:k, 'x', 100005)"), {"k": ISGW}
             )
@@ -98,7 +98,7 @@ def test_lock_timeout_retries_smaller_then_stops_resumable(db: Db) -> None:
         assert "gave up after 2 retries" in str(err.value) and "resume" in str(err.value)
         # SQLite cannot record the stop while another writer holds the database: the row still says
         # `running`, and the next run takes it over all the same (its process is this one, not a live other).
-        assert db.table(RUNS_TABLE)[0][1] == ("running" if db.backend == "sqlite" else "stopped")
+        assert db.table(RUNS_TABLE)[0][1] == ("running" if db.dialect == "sqlite" else "stopped")
     finally:
         blockers[0].release()
     assert_whole_batches(db)
@@ -248,7 +248,7 @@ def test_connection_dropped_mid_batch_leaves_no_partial_batch(db: Db) -> None:
     job = backfill(db, batch_size=8, adaptive=False, timeouts=Timeouts(retries=3))
     admin = sa.create_engine(db.url)
     fired: list[bool] = []
-    first = "WITH ins" if db.backend == "postgresql" else f"INSERT INTO {LEDGER_TABLE}"
+    first = "WITH ins" if db.dialect == "postgresql" else f"INSERT INTO {LEDGER_TABLE}"
 
     @event.listens_for(job.engine, "after_cursor_execute")
     def kill_own_session(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
@@ -257,7 +257,7 @@ def test_connection_dropped_mid_batch_leaves_no_partial_batch(db: Db) -> None:
         fired.append(True)
         raw = conn.connection.dbapi_connection
         with admin.connect() as other:
-            if db.backend == "postgresql":
+            if db.dialect == "postgresql":
                 other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": raw.info.backend_pid})
             else:
                 other.execute(sa.text(f"KILL {raw.thread_id()}"))
@@ -278,7 +278,7 @@ def _make_user(db: Db, grants: str) -> str:
     database = sa.make_url(db.url).database
     admin = sa.create_engine(db.url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        if db.backend == "postgresql":
+        if db.dialect == "postgresql":
             conn.execute(sa.text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
             conn.execute(sa.text(f'GRANT CONNECT ON DATABASE "{database}" TO {name}'))
             conn.execute(sa.text(f"GRANT USAGE ON SCHEMA public TO {name}"))
@@ -364,7 +364,7 @@ def test_the_documented_privileges_are_enough(db: Db) -> None:
     database = sa.make_url(db.url).database
     admin = sa.create_engine(db.url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        if db.backend == "postgresql":
+        if db.dialect == "postgresql":
             for grant in (
                 f"CREATE ROLE {name} LOGIN PASSWORD '{password}'",
                 f'GRANT CONNECT ON DATABASE "{database}" TO {name}',

@@ -63,7 +63,7 @@ def test_a_password_in_the_query_string_is_never_printed(db: Db) -> None:
     gateway(db, [1])
     url = sa.make_url(db.url)
     secret = url.password or ""
-    key = "password" if db.backend.startswith("postgresql") else "passwd"
+    key = "password" if db.dialect == "postgresql" else "passwd"
     in_query = url._replace(password=None).update_query_dict({key: secret}).render_as_string(hide_password=False)
     for command in (["run"], ["status"], ["verify"], ["run", "--dry-run"], ["revert", "--yes"]):
         result = run_cli(*command, "--database-url", in_query)
@@ -346,7 +346,7 @@ def test_a_revert_refused_for_lack_of_delete_leaves_no_trace(db: Db) -> None:
     database = sa.make_url(db.url).database
     admin = sa.create_engine(db.url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        if db.backend.startswith("postgresql"):
+        if db.dialect == "postgresql":
             conn.execute(sa.text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
             conn.execute(sa.text(f"GRANT USAGE ON SCHEMA public TO {name}"))
             conn.execute(sa.text(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {name}"))

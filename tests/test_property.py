@@ -43,7 +43,7 @@ def reset(db: Db) -> None:
 
 
 def test_rule_rerun_and_revert_on_random_tag_tables(db: Db) -> None:
-    examples = 40 if db.backend == "sqlite" else 15
+    examples = 40 if db.dialect == "sqlite" else 15
 
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
     @given(table=TABLES, batch_size=st.integers(min_value=1, max_value=8), gap=st.integers(min_value=1, max_value=3))

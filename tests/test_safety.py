@@ -135,13 +135,13 @@ class Writer:
     """Another session holding a write lock on the rows a revert deletes (SQLite: the whole database)."""
 
     def __init__(self, db: Db) -> None:
-        self.engine = sa.create_engine(db.url, connect_args={"timeout": 30} if db.backend == "sqlite" else {})
+        self.engine = sa.create_engine(db.url, connect_args={"timeout": 30} if db.dialect == "sqlite" else {})
         self.conn = self.engine.connect()
-        if db.backend == "sqlite":
+        if db.dialect == "sqlite":
             self.conn.connection.dbapi_connection.isolation_level = None
             self.conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
-            key = "`key`" if db.backend == "mysql" else "key"
+            key = "`key`" if db.dialect == "mysql" else "key"
             self.conn.execute(sa.text(f"SELECT * FROM experiment_tags WHERE {key} = :k FOR UPDATE"), {"k": ISGW})
 
     def release(self) -> None:
@@ -159,11 +159,11 @@ class Writer:
 def _orphan(db: Db, experiment_id: int) -> None:
     """A gateway tag row whose experiment row is gone (possible on SQLite, which does not enforce MLflow's
     foreign keys; made here on the servers by switching their checks off for one session)."""
-    key = "`key`" if db.backend == "mysql" else "key"
+    key = "`key`" if db.dialect == "mysql" else "key"
     with db.engine.begin() as conn:
-        if db.backend == "postgresql":
+        if db.dialect == "postgresql":
             conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
-        elif db.backend == "mysql":
+        elif db.dialect == "mysql":
             conn.execute(sa.text("SET foreign_key_checks = 0"))
         conn.execute(
             sa.text(f"INSERT INTO experiment_tags ({key}, value, experiment_id) VALUES (:k, 'GATEWAY', :e)"),
@@ -409,7 +409,7 @@ def _wait_for(condition, seconds: float = 60) -> None:  # type: ignore[no-untype
 def _foreign_shape(server, extra_pk: bool, creation_time: bool = True) -> str:  # type: ignore[no-untyped-def]
     """A database whose MLflow-named tables differ from the shape the tool relies on."""
     url = server.new_database()
-    key = "`key`" if server.backend.startswith(("mysql", "mariadb")) else "key"
+    key = "`key`" if server.dialect == "mysql" else "key"
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(
@@ -464,7 +464,7 @@ class Reader:
 
         self.engine = sa.create_engine(db.url)
         self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._read, args=(db.backend, seconds))
+        self.thread = threading.Thread(target=self._read, args=(db.dialect, seconds))
         self.thread.start()
         assert self.ready.wait(30)
 
@@ -475,7 +475,7 @@ class Reader:
             if backend == "sqlite":  # rollback-journal mode (MLflow's default): a reader blocks COMMITs
                 conn.connection.dbapi_connection.isolation_level = None
                 conn.exec_driver_sql("BEGIN")
-            elif backend.startswith("postgresql"):
+            elif backend == "postgresql":
                 conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             conn.execute(sa.text("SELECT COUNT(*) FROM experiment_tags")).all()
             self.ready.set()

@@ -1,0 +1,199 @@
+"""Read replicas, on real replication: a primary and a streaming replica on one Docker network (PostgreSQL hot
+standby; Oracle MySQL and MariaDB GTID replication), images built here.
+
+The run holds while the replica does not replay and finishes exactly once it does; a replica that is down
+stops the run resumably; `verify --replica-url` answers for the replica; and a real `mlflow server` reading
+from the replica lists no gateway experiment once `run` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from backfill.errors import ExitCode
+from backfill.sql import IS_GATEWAY_KEY as ISGW
+from backfill.sql import LEDGER_TABLE
+from backfill.sql import SOURCE_TYPE_KEY as SRC
+from tests.conftest import REPO, Db, Server, run_cli
+
+pytestmark = pytest.mark.backends("postgresql", "mysql")
+
+
+@dataclass
+class Pair:
+    backend: str
+    dialect: str
+    primary: Any
+    replica: Any
+    network: Any
+
+    def url(self, container: Any, database: str) -> str:
+        url = sa.make_url(container.get_connection_url()).set(database=database)
+        if self.dialect == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="module")
+def pair(backend: str) -> Iterator[Pair]:
+    from tests import backends
+    from tests.conftest import DIALECTS
+
+    primary, replica, network = backends.start_primary_and_replica(backend)
+    try:
+        yield Pair(backend, DIALECTS[backend], primary, replica, network)
+    finally:
+        backends.stop_replication_pair(primary, replica, network)
+
+
+@pytest.fixture
+def replicated(pair: Pair, server: Server) -> Iterator[tuple[Db, str]]:
+    """A fresh MLflow database on the primary with 60 gateway experiments, replicated; (primary Db, replica URL)."""
+    from tests import backends
+    from tests.mlflow_data import mlflow_store
+
+    name = f"r_{time.time_ns() % 10**10}"
+    admin = sa.create_engine(pair.url(pair.primary, "postgres" if pair.dialect == "postgresql" else "mgb"))
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(
+            sa.text(f'CREATE DATABASE "{name}"' if pair.dialect == "postgresql" else f"CREATE DATABASE `{name}`")
+        )
+    admin.dispose()
+    url = pair.url(pair.primary, name)
+    mlflow_store(url).engine.dispose()
+    db = Db(pair.backend, url, server, sa.create_engine(url))
+    db.add_experiments([(e, "active", [(SRC, "GATEWAY")]) for e in range(1000, 1060)])
+    backends.wait_for_replica(pair.primary, pair.replica)
+    yield db, pair.url(pair.replica, name)
+    db.engine.dispose()
+
+
+def replica_tagged(replica_url: str) -> set[int]:
+    engine = sa.create_engine(replica_url)
+    key = "`key`" if engine.dialect.name == "mysql" else "key"
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(f"SELECT experiment_id FROM experiment_tags WHERE {key} = :k"), {"k": ISGW})
+            return {int(r[0]) for r in rows}
+    finally:
+        engine.dispose()
+
+
+def _start_run(url: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "backfill", "run", "--database-url", url, "--json", *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _read_until(stream: Any, needle: str, seconds: float = 120) -> str:
+    seen = ""
+    deadline = time.monotonic() + seconds
+    while needle not in seen and time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen += line
+    assert needle in seen, seen
+    return seen
+
+
+def test_the_run_holds_while_the_replica_does_not_replay(pair: Pair, replicated: tuple[Db, str]) -> None:
+    from tests import backends
+
+    db, replica_url = replicated
+    backends.pause_replication(pair.replica)
+    try:
+        proc = _start_run(
+            db.url, "--replica-url", replica_url, "--max-replica-lag", "1", "--batch-size", "10", "--fixed"
+        )
+        waited = _read_until(proc.stderr, "waiting for replica")
+        event = json.loads(next(line for line in waited.splitlines() if "waiting for replica" in line))
+        assert event["event"] == "waiting for replica" and event["lag_seconds"] >= 1
+        held = len(db.table(LEDGER_TABLE))
+        time.sleep(2)
+        assert proc.poll() is None and len(db.table(LEDGER_TABLE)) == held < 60  # it holds, writes nothing
+    finally:
+        backends.resume_replication(pair.replica)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert report["inserted"] == 60 and report["replica_wait_seconds"] > 0
+    assert replica_tagged(replica_url) == set(range(1000, 1060))  # the end waits for the replica too
+
+
+def test_a_replica_that_is_down_stops_the_run_resumably(pair: Pair, replicated: tuple[Db, str]) -> None:
+    from tests import backends
+
+    db, replica_url = replicated
+    pair.replica.get_wrapped_container().stop(timeout=30)
+    try:
+        result = run_cli(
+            "run",
+            "--database-url",
+            db.url,
+            "--replica-url",
+            replica_url,
+            "--replica-timeout",
+            "5",
+            "--batch-size",
+            "10",
+        )
+    finally:
+        pair.replica.get_wrapped_container().start()
+    assert result.returncode == ExitCode.STOPPED, result.stderr
+    assert result.stderr.count("\n") == 1 and "did not catch up" in result.stderr and "unreachable" in result.stderr
+    assert "`run` again to resume" in result.stderr
+    backends.wait_for_replica(pair.primary, pair.replica, timeout=120)
+    again = run_cli("run", "--database-url", db.url, "--replica-url", replica_url, "--json", "-q")
+    assert again.returncode == 0, again.stderr
+    assert {row[0] for row in db.table(LEDGER_TABLE)} == set(range(1000, 1060))
+    assert replica_tagged(replica_url) == set(range(1000, 1060))
+
+
+def test_verify_on_the_replica_says_what_the_ui_will_show(pair: Pair, replicated: tuple[Db, str]) -> None:
+    from tests import backends
+
+    db, replica_url = replicated
+    backends.pause_replication(pair.replica)
+    try:
+        assert run_cli("run", "--database-url", db.url, "-q").returncode == 0  # no --replica-url: nothing waits
+        assert run_cli("verify", "--database-url", db.url).returncode == 0  # the primary has everything
+        lagging = run_cli("verify", "--replica-url", replica_url)
+        assert lagging.returncode == ExitCode.MISSING and "missing: 60" in lagging.stdout, lagging.stderr
+        status = run_cli("status", "--database-url", db.url, "--replica-url", replica_url, "--json")
+        replica = json.loads(status.stdout)["replicas"][0]
+        assert replica["missing"] == 60 and replica["caught_up"] is False
+    finally:
+        backends.resume_replication(pair.replica)
+    backends.wait_for_replica(pair.primary, pair.replica)
+    assert run_cli("verify", "--replica-url", replica_url).returncode == 0
+
+
+def test_the_ui_reading_from_the_replica_lists_no_gateway_experiment(pair: Pair, replicated: tuple[Db, str]) -> None:
+    from tests import backends, mlflow_versions
+
+    db, replica_url = replicated
+    names = {e: f"exp-{e}" for e in range(1000, 1060)}
+    with mlflow_versions.server(db.url, read_replica=replica_url) as ui:
+        assert set(names.values()) <= set(ui.experiment_list())  # before: the gateway experiments are listed
+        backends.pause_replication(pair.replica)
+        proc = _start_run(db.url, "--replica-url", replica_url, "--max-replica-lag", "0.5")
+        time.sleep(1)
+        backends.resume_replication(pair.replica)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        listed = set(ui.experiment_list())  # at once: the run returned only once the replica had it all
+    assert not set(names.values()) & listed
