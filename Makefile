@@ -36,14 +36,14 @@ $(UV_DIR)/bin/uv: requirements/uv.txt
 # runtime lock (exact: it removes the rest) drops the test stamp.
 $(BIN)/.runtime: requirements/runtime.txt | $(UV_DEP)
 	@if [ -f $(BIN)/.test ] && [ $(BIN)/.test -nt requirements/test.txt ]; then touch $@; exit 0; fi; \
-	set -e; [ -x $(BIN)/python ] || $(UV_DEP) venv --quiet --python $(PYTHON) $(VENV); \
+	set -e; [ -x $(BIN)/python ] || $(UV) venv --quiet --python $(PYTHON) $(VENV); \
 	echo "$(UV) pip sync requirements/runtime.txt"; \
 	$(UV) pip sync --quiet --python $(BIN)/python --require-hashes requirements/runtime.txt; \
 	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .; \
 	rm -f $(BIN)/.test; touch $@
 
 $(BIN)/.test: requirements/test.txt | $(UV_DEP)
-	[ -x $(BIN)/python ] || $(UV_DEP) venv --quiet --python $(PYTHON) $(VENV)
+	[ -x $(BIN)/python ] || $(UV) venv --quiet --python $(PYTHON) $(VENV)
 	$(UV) pip sync --quiet --python $(BIN)/python --require-hashes requirements/test.txt
 	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@ $(BIN)/.runtime
