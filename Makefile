@@ -61,9 +61,12 @@ demo: $(BIN)/.test  ## real MLflow writes mlflow.db with gateway experiments; st
 	$(BIN)/mlflow-gateway-backfill verify --database-url sqlite:///mlflow.db
 	$(BIN)/python -m tests.demo mlflow.db --show-list
 
-# The image is built whenever a server backend is tested: tests/test_image.py runs it against them.
+# The tool's image is part of the suite (tests/test_image.py, tests/test_deploy.py): built here, up front,
+# so its log shows; the tests' own `make image` is then a no-op.
 test: $(BIN)/.test  ## the full suite on sqlite, postgresql and mysql (starts Docker, builds the images if needed)
 	scripts/provision-tests.sh
+	$(MAKE) --no-print-directory image
+	scripts/ensure-compose.sh
 	$(BIN)/pytest -m "not migration_check" $(PYTEST_ARGS)
 
 migration-check: $(BIN)/.test  ## the CI migration check on every backend

@@ -1,0 +1,258 @@
+"""The deployment examples in deploy/ checked against what they call, with what this machine can run.
+
+Kubernetes has no cluster here, so the manifests are parsed and every reference is checked against the real
+thing: the backfill image's entry point, subcommands, options and documented environment variables (its own
+``--help``, run through ``docker run``), MLflow's command line (its click commands, from the installed
+``mlflow``), the Secret they read, the image's user. The compose file is also normalised by a real compose
+implementation (``docker compose config`` or Debian's ``docker-compose config``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from backfill.db import ExitCode
+from tests.conftest import REPO
+from tests.test_image import IMAGE, build_image, docker_run
+
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "kubernetes"
+COMPOSE = DEPLOY / "compose.yaml"
+BACKFILL_REPO = "mlflow-gateway-backfill"
+MLFLOW_IMAGE = re.compile(r"mlflow-server:(\d+\.\d+\.\d+)")
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    return build_image()
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def k8s_containers() -> list[tuple[str, str, dict[str, Any]]]:
+    """(workload name, "init" / "main", container) for every container of every workload."""
+    found = []
+    for doc in k8s_docs():
+        if doc["kind"] in ("Job", "Deployment"):
+            pod = doc["spec"]["template"]["spec"]
+            found += [(doc["metadata"]["name"], "init", c) for c in pod.get("initContainers", [])]
+            found += [(doc["metadata"]["name"], "main", c) for c in pod["containers"]]
+    return found
+
+
+def backfill_invocations() -> list[tuple[str, list[str], list[str]]]:
+    """(where, args, env names) of every place the backfill image runs: Kubernetes containers, compose services."""
+    found = []
+    for workload, _, c in k8s_containers():
+        if c["image"].startswith(BACKFILL_REPO):
+            assert "command" not in c, f"{workload}/{c['name']}: the image's entry point must stay"
+            found.append((f"{workload}/{c['name']}", c["args"], [e["name"] for e in c.get("env", [])]))
+    for name, service in compose()["services"].items():
+        if service["image"].startswith(BACKFILL_REPO):
+            assert "entrypoint" not in service, f"compose {name}: the image's entry point must stay"
+            found.append((f"compose {name}", service["command"], list(service.get("environment", {}))))
+    return found
+
+
+def mlflow_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) of every MLflow command line the examples run (argv[0] == "mlflow")."""
+    found = []
+    for workload, _, c in k8s_containers():
+        if MLFLOW_IMAGE.search(c["image"]):
+            found.append((f"{workload}/{c['name']}", c["command"]))
+    for name, service in compose()["services"].items():
+        if MLFLOW_IMAGE.search(service["image"]):
+            argv = service["command"]
+            if argv[:2] == ["sh", "-c"]:  # `sh -c 'exec mlflow ...'`: the command line the shell runs
+                argv = shlex.split(argv[2].replace("$$", "$"))
+                argv = argv[1:] if argv[0] == "exec" else argv
+            found.append((f"compose {name}", argv))
+    return found
+
+
+@functools.cache
+def help_text(*args: str) -> str:
+    """``docker run --rm IMAGE ARGS --help``: exit 0 proves every subcommand and option in ARGS exists."""
+    result = docker_run(IMAGE, *args, "--help")
+    assert result.returncode == 0, f"{IMAGE} {' '.join(args)} --help: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def test_every_file_parses_and_has_the_expected_kinds() -> None:
+    kinds = sorted(doc["kind"] for doc in k8s_docs())
+    assert kinds == ["Deployment", "Job", "Secret", "Service"]
+    assert set(compose()["services"]) == {"db", "db-upgrade", "backfill", "mlflow"}
+
+
+def test_backfill_image_references_are_this_version() -> None:
+    """Every reference names this version's image (a version bump must update deploy/ too)."""
+    images = [c["image"] for _, _, c in k8s_containers() if c["image"].startswith(BACKFILL_REPO)]
+    images += [s["image"] for s in compose()["services"].values() if s["image"].startswith(BACKFILL_REPO)]
+    assert len(images) == 3
+    assert set(images) == {IMAGE}
+
+
+@pytest.mark.image
+def test_backfill_image_reference_exists_and_runs_as_configured(image: str) -> None:
+    """The referenced image is the one `make image` builds, and the pods' user is the image's own."""
+    inspect = subprocess.run(["docker", "image", "inspect", image], capture_output=True, text=True, check=True)
+    user = json.loads(inspect.stdout)[0]["Config"]["User"]
+    uid, gid = (int(v) for v in user.split(":"))
+    for doc in k8s_docs():
+        if doc["kind"] not in ("Job", "Deployment"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            if c["image"].startswith(BACKFILL_REPO):
+                context = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+                assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid)
+                assert context["runAsNonRoot"] is True
+
+
+@pytest.mark.image
+def test_backfill_commands_and_options_exist_in_the_image(image: str) -> None:
+    invocations = backfill_invocations()
+    assert invocations
+    commands = help_text()
+    for where, args, _ in invocations:
+        assert re.search(rf"^\s+{re.escape(args[0])}\s", commands, re.M), f"{where}: no subcommand {args[0]!r}"
+        text = help_text(*args)  # exit 0: click accepted every option of args
+        for option in (a.split("=")[0] for a in args if a.startswith("--")):
+            assert option in text, f"{where}: {option} is not an option of {args[0]}"
+
+
+@pytest.mark.image
+def test_backfill_env_vars_are_the_documented_ones(image: str) -> None:
+    """Each variable the examples set is one the command's own help names as a source of the database URL."""
+    for where, args, names in backfill_invocations():
+        assert names, f"{where}: no database URL given"
+        documented = set(re.findall(r"\$([A-Z_]+)", help_text(args[0])))
+        assert set(names) <= documented, f"{where}: {sorted(set(names) - documented)} not in `{args[0]} --help`"
+
+
+def test_kubernetes_env_comes_from_the_example_secret() -> None:
+    secret = next(doc for doc in k8s_docs() if doc["kind"] == "Secret")
+    refs = set()
+    for workload, _, c in k8s_containers():
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert "MLFLOW_BACKEND_STORE_URI" in env, f"{workload}/{c['name']}"
+        ref = env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]
+        refs.add((ref["name"], ref["key"]))
+    assert refs == {(secret["metadata"]["name"], next(iter(secret["stringData"])))}
+
+
+def test_job_runs_once_and_fails_fast_only_on_permanent_errors() -> None:
+    job = next(doc for doc in k8s_docs() if doc["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert [c["args"][0] for c in pod["containers"]] == ["run"]
+    (rule,) = job["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob"
+    assert rule["onExitCodes"]["containerName"] == pod["containers"][0]["name"]
+    assert set(rule["onExitCodes"]["values"]) == {ExitCode.USAGE, ExitCode.NOT_MLFLOW, ExitCode.PERMISSION}
+
+
+def test_deployment_upgrades_then_backfills_then_serves() -> None:
+    deployment = next(doc for doc in k8s_docs() if doc["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    first, second = pod["initContainers"]
+    assert first["command"][:3] == ["mlflow", "db", "upgrade"]
+    assert second["image"] == IMAGE and second["args"][0] == "run"
+    (server,) = pod["containers"]
+    assert server["command"][:2] == ["mlflow", "server"]
+    service = next(doc for doc in k8s_docs() if doc["kind"] == "Service")
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def test_compose_orders_the_services() -> None:
+    services = compose()["services"]
+    assert services["mlflow"]["depends_on"] == {"backfill": {"condition": "service_completed_successfully"}}
+    assert services["backfill"]["depends_on"] == {"db-upgrade": {"condition": "service_completed_successfully"}}
+    assert services["db-upgrade"]["depends_on"] == {"db": {"condition": "service_healthy"}}
+
+
+def _mlflow_command(argv: list[str]) -> tuple[click.Command, list[str]]:
+    """Resolve ``mlflow GROUP ... COMMAND ARGS`` to the click command and its arguments."""
+    from mlflow.cli import cli
+
+    command: click.Command = cli
+    rest = argv[1:]
+    while isinstance(command, click.Group):
+        command = command.commands[rest[0]]
+        rest = rest[1:]
+    return command, rest
+
+
+def test_mlflow_command_lines_are_valid() -> None:
+    """MLflow's own click commands accept each command line, and the server reads the URL from the env."""
+    commands = mlflow_commands()
+    assert len(commands) == 4  # db upgrade and server, in Kubernetes and compose
+    for where, argv in commands:
+        assert argv[0] == "mlflow", where
+        command, rest = _mlflow_command(argv)
+        command.make_context(command.name, list(rest))  # raises on an unknown option or a missing argument
+        if command.name == "upgrade":
+            assert rest == ["$(MLFLOW_BACKEND_STORE_URI)"] or rest == ["$MLFLOW_BACKEND_STORE_URI"], where
+    server, _ = _mlflow_command(["mlflow", "server"])
+    store_option = next(p for p in server.params if p.name == "backend_store_uri")
+    assert store_option.envvar == "MLFLOW_BACKEND_STORE_URI"
+
+
+def test_mlflow_image_tags_match_the_server_dockerfile() -> None:
+    pinned = re.search(r"mlflow==(\S+)", (DEPLOY / "mlflow-server" / "Dockerfile").read_text())
+    assert pinned
+    tags = {MLFLOW_IMAGE.search(c["image"]).group(1) for _, _, c in k8s_containers() if MLFLOW_IMAGE.search(c["image"])}
+    tags |= {
+        MLFLOW_IMAGE.search(s["image"]).group(1)
+        for s in compose()["services"].values()
+        if "mlflow-server" in s["image"]
+    }
+    assert tags == {pinned.group(1)}
+
+
+def compose_command() -> list[str]:
+    """``docker compose`` (v2) if the client has it, else Debian's ``docker-compose``; fails when neither exists."""
+    if shutil.which("docker"):
+        v2 = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+        if v2.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    pytest.fail("no compose implementation: run scripts/ensure-compose.sh (Debian's docker-compose)", pytrace=False)
+
+
+def test_compose_config_accepts_the_file(tmp_path: Path) -> None:
+    """A real compose implementation normalises the file; the order survives, and the password is required."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "POSTGRES_PASSWORD": "example-pw"}
+    command = [*compose_command(), "--project-directory", str(DEPLOY), "-f", str(COMPOSE)]
+    result = subprocess.run([*command, "config"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    services = config["services"]
+    assert services["mlflow"]["depends_on"]["backfill"]["condition"] == "service_completed_successfully"
+    assert services["backfill"]["depends_on"]["db-upgrade"]["condition"] == "service_completed_successfully"
+    url = "postgresql://mlflow:example-pw@db:5432/mlflow"
+    assert {s["environment"]["MLFLOW_BACKEND_STORE_URI"] for n, s in services.items() if n != "db"} == {url}
+    assert services["backfill"]["image"] == IMAGE
+
+    del env["POSTGRES_PASSWORD"]
+    missing = subprocess.run([*command, "config"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert missing.returncode != 0
+    assert "POSTGRES_PASSWORD" in missing.stderr
