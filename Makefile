@@ -89,8 +89,8 @@ image: | $(UV_DEP)  ## mlflow-gateway-backfill:<version> and :latest, built offl
 	scripts/ensure-docker.sh
 	scripts/build-image.sh
 
-screenshots: $(BIN)/.runtime  ## docs/experiments-before.png and -after.png from a real mlflow server 3.17.2
-	scripts/screenshots.sh
+screenshots: $(BIN)/.test | $(UV_DEP)  ## docs/experiments-{before,after}.png: a real mlflow server's UI, Chromium
+	UV=$(UV) scripts/screenshots.sh
 
 bench: $(BIN)/.test  ## 100k and 1M experiments on every backend (see README)
 	scripts/provision-tests.sh

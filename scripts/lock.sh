@@ -6,6 +6,7 @@
 #   requirements/runtime.txt  the tool alone (make backfill / migrate, the image); compiled with test.txt as
 #                             constraints, so it pins exactly the versions the tests ran with
 #   requirements/uv.txt       uv itself, at the version test.txt pins: what the Makefile bootstraps with pip
+#   requirements/mlflow-ui.txt  from mlflow-ui.in: the MLflow server `make screenshots` runs (its own venv)
 #
 # Why not uv.lock: it records the index's download URL of every file, and the repository must name no
 # registry host; `uv pip compile` writes names, versions, markers and hashes only.
@@ -36,6 +37,7 @@ lock_here() {
     version=$(sed -n 's/^uv==\([^ ]*\).*/\1/p' requirements/test.txt)
     [ -n "$version" ] || { echo "lock: requirements/test.txt pins no uv" >&2; exit 1; }
     echo "uv==$version" | compile requirements/uv.txt - --no-annotate
+    compile requirements/mlflow-ui.txt requirements/mlflow-ui.in
 }
 
 if [ "$check" = no ]; then
@@ -47,7 +49,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkdir "$tmp/requirements"
 cp pyproject.toml "$tmp"/
-cp requirements/*.txt "$tmp/requirements"/ 2>/dev/null || true
+cp requirements/*.txt requirements/*.in "$tmp/requirements"/
 uv=$(realpath "$(command -v "$uv")")
 (cd "$tmp" && lock_here)
 if ! diff -ru requirements "$tmp/requirements" >"$tmp/diff"; then
