@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -42,9 +43,11 @@ def image() -> str:
 def docker_run(
     image: str, *args: str, env: dict[str, str] | None = None, entrypoint: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``docker run --rm --network host [-e K=V ...] IMAGE ARGS`` to the end; the container is removed in any case."""
+    """``docker run --rm --read-only --network host [-e K=V ...] IMAGE ARGS`` to the end; the container is removed
+    in any case. ``--read-only``: the tool writes nothing to its own file system (Kubernetes'
+    readOnlyRootFilesystem in deploy/ relies on it)."""
     name = f"mgb-pkg-image-{secrets.token_hex(6)}"
-    command = ["docker", "run", "--rm", "--name", name, "--network", "host"]
+    command = ["docker", "run", "--rm", "--read-only", "--name", name, "--network", "host"]
     for key, value in (env or {}).items():
         command += ["-e", f"{key}={value}"]
     if entrypoint:
@@ -167,6 +170,36 @@ def test_image_wrong_password(image: str, db: Db) -> None:
         assert wrong not in output
         assert (url.password or "") not in output
         assert output.startswith("Error: ")
+
+
+@pytest.mark.backends("postgresql")
+def test_image_stops_on_sigterm_with_exit_7(image: str, db: Db) -> None:
+    """``docker stop`` (SIGTERM to PID 1, as a pod's deletion sends) stops the run between batches: exit 7,
+    nothing half-written, and a second run completes it."""
+    data = gateway_data(db)
+    gateway = set(data.gateway + data.deleted_gateway)
+    name = f"mgb-pkg-image-{secrets.token_hex(6)}"
+    args = ["run", "--batch-size", "1", "--min-batch-size", "1", "--fixed", "--sleep", "30"]
+    start = ["docker", "run", "-d", "--read-only", "--name", name, "--network", "host"]
+    subprocess.run([*start, "-e", f"MLFLOW_BACKEND_STORE_URI={db.url}", image, *args], check=True, timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not tagged(db) and time.monotonic() < deadline:  # the first batch is in: it now sleeps 30 s
+            time.sleep(0.2)
+        assert tagged(db), "the first batch never committed"
+        subprocess.run(["docker", "stop", "-t", "60", name], check=True, capture_output=True, timeout=120)
+        state = subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.ExitCode}}", name], capture_output=True, text=True, check=True
+        )
+        logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True, check=True)
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+    assert int(state.stdout) == 7, logs.stderr
+    assert "SIGTERM" in logs.stderr
+    assert tagged(db) < gateway
+    resumed = docker_run(image, "run", env={"MLFLOW_BACKEND_STORE_URI": db.url})
+    assert resumed.returncode == 0, resumed.stderr
+    assert tagged(db) == gateway
 
 
 @pytest.mark.backends("postgresql")
