@@ -95,6 +95,46 @@ def help_text(*args: str) -> str:
     return result.stdout
 
 
+def schema_errors(value: Any, type_name: str, path: str) -> list[str]:
+    """Fields of ``value`` that the Kubernetes API model ``type_name`` does not have, or of the wrong type."""
+    import kubernetes.client
+
+    if type_name.startswith("List["):
+        if not isinstance(value, list):
+            return [f"{path}: expected a list"]
+        return [e for i, item in enumerate(value) for e in schema_errors(item, type_name[5:-1], f"{path}[{i}]")]
+    if type_name.startswith("Dict["):
+        if not isinstance(value, dict):
+            return [f"{path}: expected a mapping"]
+        inner = type_name[5:-1].split(", ", 1)[1]
+        return [e for k, v in value.items() for e in schema_errors(v, inner, f"{path}.{k}")]
+    primitives: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float)}
+    if type_name in primitives:
+        ok = isinstance(value, primitives[type_name]) and not (type_name == "int" and isinstance(value, bool))
+        return [] if ok else [f"{path}: expected {type_name}, got {value!r}"]
+    if type_name == "object":  # int-or-string (ports) and free-form values
+        return []
+    model = getattr(kubernetes.client, type_name)
+    if not isinstance(value, dict):
+        return [f"{path}: expected a {type_name} mapping"]
+    fields = {json_name: model.openapi_types[attr] for attr, json_name in model.attribute_map.items()}
+    errors = [f"{path}.{key}: no such field in {type_name}" for key in value if key not in fields]
+    return errors + [e for k, v in value.items() if k in fields for e in schema_errors(v, fields[k], f"{path}.{k}")]
+
+
+def test_kubernetes_manifests_match_the_api_models() -> None:
+    """Every field name and type against the Kubernetes API's models (the official Python client's), and the
+    required fields through its deserializer, which rejects a missing one."""
+    from kubernetes.client import ApiClient
+
+    client = ApiClient()
+    for doc in k8s_docs():
+        group_version = doc["apiVersion"].split("/")[-1]
+        type_name = f"{group_version.capitalize()}{doc['kind']}"
+        assert schema_errors(doc, type_name, f"{doc['kind']}/{doc['metadata']['name']}") == []
+        client._ApiClient__deserialize(doc, type_name)  # raises ValueError on a missing required field
+
+
 def test_every_file_parses_and_has_the_expected_kinds() -> None:
     kinds = sorted(doc["kind"] for doc in k8s_docs())
     assert kinds == ["Deployment", "Job", "Secret", "Service"]
