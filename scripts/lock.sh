@@ -6,7 +6,8 @@
 #   requirements/runtime.txt  the tool alone (make backfill / migrate, the image); compiled with test.txt as
 #                             constraints, so it pins exactly the versions the tests ran with
 #   requirements/uv.txt       uv itself, at the version test.txt pins: what the Makefile bootstraps with pip
-#   requirements/mlflow-ui.txt  from mlflow-ui.in: the MLflow server `make screenshots` runs (its own venv)
+#   requirements/mlflow-server.txt  from mlflow-server.in: the MLflow server of make screenshots and the
+#                             compose end-to-end test
 #
 # Why not uv.lock: it records the index's download URL of every file, and the repository must name no
 # registry host; `uv pip compile` writes names, versions, markers and hashes only.
@@ -37,7 +38,7 @@ lock_here() {
     version=$(sed -n 's/^uv==\([^ ]*\).*/\1/p' requirements/test.txt)
     [ -n "$version" ] || { echo "lock: requirements/test.txt pins no uv" >&2; exit 1; }
     echo "uv==$version" | compile requirements/uv.txt - --no-annotate
-    compile requirements/mlflow-ui.txt requirements/mlflow-ui.in
+    compile requirements/mlflow-server.txt requirements/mlflow-server.in
 }
 
 if [ "$check" = no ]; then

@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
 # `make screenshots`: docs/experiments-before.png and docs/experiments-after.png, MLflow's own experiment
-# list (a real `mlflow server`, the version of requirements/mlflow-ui.in) over the demo database
+# list (a real `mlflow server`, the version of requirements/mlflow-server.in) over the demo database
 # (tests/demo.py: real MLflow 3.10.x data), before and after `mlflow-gateway-backfill run`, taken by
 # Debian's headless Chromium (installed with apt when missing).
 #
 # Env: UV (the uv binary), MGB_UI_VENV (the MLflow server's venv, default outside the repository:
-#      ${XDG_CACHE_HOME:-~/.cache}/mlflow-gateway-backfill/mlflow-ui-<version>)
+#      ${XDG_CACHE_HOME:-~/.cache}/mlflow-gateway-backfill/mlflow-server-<version>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 uv=${UV:-uv}
 work=build/screenshots
-version=$(sed -n 's/^mlflow==\([^ ]*\).*/\1/p' requirements/mlflow-ui.txt)
-venv=${MGB_UI_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mlflow-gateway-backfill/mlflow-ui-$version}
+version=$(sed -n 's/^mlflow==\([^ ]*\).*/\1/p' requirements/mlflow-server.txt)
+venv=${MGB_UI_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mlflow-gateway-backfill/mlflow-server-$version}
 
 say() { echo "screenshots: $*" >&2; }
 die() {
     say "$*"
     exit 1
 }
-[ -n "$version" ] || die "requirements/mlflow-ui.txt pins no mlflow"
+[ -n "$version" ] || die "requirements/mlflow-server.txt pins no mlflow"
 
 if ! command -v chromium >/dev/null; then
     [ "$(id -u)" = 0 ] || die "needs Debian's chromium: apt-get install chromium (as root)"
@@ -30,11 +30,11 @@ if ! command -v chromium >/dev/null; then
 fi
 
 # The MLflow server's venv, synced exactly to its lock; reused while the lock is unchanged.
-if ! cmp -s requirements/mlflow-ui.txt "$venv/.synced" 2>/dev/null; then
+if ! cmp -s requirements/mlflow-server.txt "$venv/.synced" 2>/dev/null; then
     say "MLflow $version into $venv"
     [ -x "$venv/bin/python" ] || "$uv" venv --quiet --python "${PYTHON:-python3}" "$venv"
-    "$uv" pip sync --quiet --python "$venv/bin/python" --require-hashes requirements/mlflow-ui.txt
-    cp requirements/mlflow-ui.txt "$venv/.synced"
+    "$uv" pip sync --quiet --python "$venv/bin/python" --require-hashes requirements/mlflow-server.txt
+    cp requirements/mlflow-server.txt "$venv/.synced"
 fi
 
 rm -rf "$work"

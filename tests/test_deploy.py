@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,7 @@ import yaml
 
 from backfill.db import ExitCode
 from tests.conftest import REPO
+from tests.mlflow_data import populate
 from tests.test_image import IMAGE, build_image, docker_run
 
 DEPLOY = REPO / "deploy"
@@ -255,16 +262,24 @@ def test_mlflow_command_lines_are_valid() -> None:
     assert store_option.envvar == "MLFLOW_BACKEND_STORE_URI"
 
 
-def test_mlflow_image_tags_match_the_server_dockerfile() -> None:
-    pinned = re.search(r"mlflow==(\S+)", (DEPLOY / "mlflow-server" / "Dockerfile").read_text())
-    assert pinned
+def test_mlflow_server_dockerfile_pins_what_the_tests_run() -> None:
+    """deploy/mlflow-server/Dockerfile installs exactly the versions of requirements/mlflow-server.in (which the
+    compose end-to-end test and the screenshots run), and the manifests' image tags name that MLflow."""
+    dockerfile = (DEPLOY / "mlflow-server" / "Dockerfile").read_text()
+    pins = dict(re.findall(r'"?([A-Za-z0-9_.-]+)(?:\[\w+\])?==([^\s"]+)', dockerfile))
+    tested = dict(
+        re.findall(
+            r"^([A-Za-z0-9_.-]+)(?:\[\w+\])?==(\S+)", (REPO / "requirements" / "mlflow-server.in").read_text(), re.M
+        )
+    )
+    assert pins == tested
     tags = {MLFLOW_IMAGE.search(c["image"]).group(1) for _, _, c in k8s_containers() if MLFLOW_IMAGE.search(c["image"])}
     tags |= {
         MLFLOW_IMAGE.search(s["image"]).group(1)
         for s in compose()["services"].values()
         if "mlflow-server" in s["image"]
     }
-    assert tags == {pinned.group(1)}
+    assert tags == {pins["mlflow"]}
 
 
 def compose_command() -> list[str]:
@@ -296,3 +311,103 @@ def test_compose_config_accepts_the_file(tmp_path: Path) -> None:
     missing = subprocess.run([*command, "config"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert missing.returncode != 0
     assert "POSTGRES_PASSWORD" in missing.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Any, what: str, seconds: float = 240) -> None:
+    """Poll ``check()`` until it returns true; fail with ``what`` when ``seconds`` run out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not ready yet
+            pass
+        time.sleep(1)
+    pytest.fail(f"timed out waiting for {what}", pytrace=False)
+
+
+def mlflow_experiments(port: int, ui_filter: bool) -> set[str]:
+    """Names of the active experiments the MLflow server lists, with the UI's own filter or without."""
+    query = {"max_results": "100"}
+    if ui_filter:
+        query["filter"] = "tags.`mlflow.experiment.isGateway` IS NULL"
+    url = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return {e["name"] for e in json.load(response).get("experiments", [])}
+
+
+@pytest.mark.image
+def test_compose_upgrades_backfills_then_serves(image: str, tmp_path: Path) -> None:
+    """deploy/compose.yaml for real, on an MLflow 3.10 database with gateway experiments: MLflow 3.17.2's
+    `db upgrade`, then the backfill, then the server, whose UI list no longer shows the gateway experiments.
+
+    The images are local stand-ins (no registry here): PostgreSQL from the test images, MLflow from
+    scripts/build-mlflow-server-image.sh (the same versions as deploy/mlflow-server/Dockerfile)."""
+    from tests.backends import postgres_image
+
+    uv = Path(sys.executable).with_name("uv")
+    build = subprocess.run(
+        ["scripts/build-mlflow-server-image.sh"],
+        cwd=REPO,
+        env={**os.environ, "UV": str(uv)},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert build.returncode == 0, build.stderr
+    version = re.search(r"mlflow==(\S+)", (REPO / "requirements" / "mlflow-server.txt").read_text())
+    assert version
+    password, db_port, mlflow_port = secrets.token_hex(8), free_port(), free_port()
+    # Only for the test: the database published on the host, to write MLflow 3.10 data into it first.
+    override = tmp_path / "override.yaml"
+    override.write_text(f'services:\n  db:\n    ports: ["127.0.0.1:{db_port}:5432"]\n')
+    env = {
+        **os.environ,
+        "POSTGRES_PASSWORD": password,
+        "POSTGRES_IMAGE": postgres_image(),
+        "MLFLOW_IMAGE": f"mlflow-gateway-backfill/mlflow-server:{version.group(1)}",
+        "MLFLOW_PORT": str(mlflow_port),
+    }
+    project = f"mgb-pkg-e2e-{secrets.token_hex(4)}"
+    compose_cli = [*compose_command(), "-p", project, "--project-directory", str(DEPLOY), "-f", str(COMPOSE)]
+    compose_cli += ["-f", str(override)]
+
+    def compose_run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*compose_cli, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    def exit_code(service: str) -> int:
+        container = (
+            compose_run("ps", "-a", "-q", service).stdout.split() or compose_run("ps", "-q", service).stdout.split()
+        )
+        state = subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.ExitCode}}", *container], capture_output=True, text=True
+        )
+        return int(state.stdout)
+
+    try:
+        started = compose_run("up", "-d", "--no-build", "db")
+        assert started.returncode == 0, started.stderr
+        url = f"postgresql+psycopg://mlflow:{password}@127.0.0.1:{db_port}/mlflow"
+        wait_for(lambda: populate(url, gateway=3, ordinary=2, deleted_gateway=1), "the database to take MLflow data")
+
+        up = compose_run("up", "-d", "--no-build")
+        assert up.returncode == 0, up.stderr + compose_run("logs", "--no-color", "db-upgrade", "backfill").stdout
+        wait_for(lambda: mlflow_experiments(mlflow_port, ui_filter=False), "the MLflow server")
+        assert exit_code("db-upgrade") == 0
+        assert exit_code("backfill") == 0
+        logs = compose_run("logs", "--no-color", "backfill").stdout
+        assert "inserted 4 isGateway tags" in logs
+
+        everything = mlflow_experiments(mlflow_port, ui_filter=False)
+        assert {"gateway/ep-0", "gateway/ep-1", "gateway/ep-2", "ordinary-0", "ordinary-1"} <= everything
+        assert mlflow_experiments(mlflow_port, ui_filter=True) == {"Default", "ordinary-0", "ordinary-1"}
+    finally:
+        compose_run("down", "-v", "--remove-orphans", timeout=300)
