@@ -1,5 +1,9 @@
 """A real ``mlflow server`` of one release over one database, and the experiment list its UI asks for.
 
+``mlflow db upgrade`` can run first in the same interpreter (MLflow's own click commands, one after the
+other): importing MLflow's CLI costs about 4.5 s of CPU, which a separate ``mlflow db upgrade`` process
+would pay again for every database of the migration check.
+
 The server runs in its own process group (session) on a free loopback port, with job execution off
 (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``: from 3.17 its job workers would otherwise outlive the
 server's pid). Stopping it signals that whole group, and only that group, and waits until no member is
@@ -23,7 +27,18 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from tests.mlflow_versions import release_env
+
 UI_FILTER = "tags.`mlflow.experiment.isGateway` IS NULL"
+UPGRADED = "mgb: mlflow db upgrade succeeded"
+# argv: URL, then `mlflow server`'s arguments.
+_UPGRADE_THEN_SERVE = f"""
+import sys
+from mlflow.cli import cli
+cli.main(["db", "upgrade", sys.argv[1]], prog_name="mlflow", standalone_mode=False)
+print({UPGRADED!r}, flush=True)
+cli.main(sys.argv[2:], prog_name="mlflow")
+"""
 UI_QUERY = {"max_results": "25", "order_by": "last_update_time DESC", "filter": UI_FILTER}
 START_TIMEOUT = 180.0
 
@@ -66,11 +81,16 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class MlflowServer:
     """``with MlflowServer(python, url, workdir) as server:`` a running server; ``server.ui_experiments()``."""
 
-    def __init__(self, python: Path, database_url: str, workdir: Path) -> None:
+    def __init__(self, python: Path, database_url: str, workdir: Path, upgrade_first: bool = False) -> None:
         self.python = python
+        self.upgrade_first = upgrade_first
         self.database_url = mlflow_url(database_url)
         self.workdir = workdir
         self.log = workdir / "mlflow-server.log"
@@ -87,16 +107,29 @@ class MlflowServer:
         self.stop()
 
     def start(self) -> None:
-        port = free_port()
+        # The port is free when picked but may be taken before the server binds it (another test's
+        # server, started in parallel): then try another one.
+        for _ in range(3):
+            self._spawn(free_port())
+            try:
+                self._wait_until_ready()
+                return
+            except _PortTaken:
+                self.stop()
+            except BaseException:
+                self.stop()
+                raise
+        raise RuntimeError(f"mlflow server found no free port:\n{self.log_tail()}")
+
+    def _spawn(self, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
         artifacts = self.workdir / "mlartifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        command = [
-            str(self.python),
-            "-m",
-            "mlflow",
+        if self.upgrade_first:
+            command = [str(self.python), "-c", _UPGRADE_THEN_SERVE, self.database_url]
+        else:
+            command = [str(self.python), "-m", "mlflow"]
+        command += [
             "server",
             "--backend-store-uri",
             self.database_url,
@@ -109,21 +142,19 @@ class MlflowServer:
             "--workers",
             "1",
         ]
+        env = release_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        try:
-            self._wait_until_ready()
-        except BaseException:
-            self.stop()
-            raise
 
     def _wait_until_ready(self) -> None:
         assert self.process is not None
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "address already in use" in self.log_tail().lower():
+                    raise _PortTaken
                 raise RuntimeError(f"mlflow server exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.base}/health", timeout=5) as response:
@@ -133,6 +164,10 @@ class MlflowServer:
                 pass
             time.sleep(0.25)
         raise RuntimeError(f"mlflow server did not answer within {START_TIMEOUT:.0f} s:\n{self.log_tail()}")
+
+    def upgraded(self) -> bool:
+        """Whether ``mlflow db upgrade`` ran first and succeeded."""
+        return UPGRADED in self.log.read_text(errors="replace")
 
     def log_tail(self, chars: int = 4000) -> str:
         try:

@@ -83,6 +83,13 @@ def python_of(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
+def release_env(**extra: str) -> dict[str, str]:
+    """The environment to run a release in: none of the caller's MLFLOW_* settings, and no telemetry
+    (MLflow 3.x would otherwise try to send usage events off this machine)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", **extra}
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from backfill.sql import IS_GATEWAY_KEY as ISGW
 from backfill.sql import SOURCE_TYPE_KEY as SRC
 from tests.conftest import REPO, alembic, run_cli
 from tests.mlflow_server import MlflowServer, mlflow_url
-from tests.mlflow_versions import NEWEST, ensure_all, python_of
+from tests.mlflow_versions import NEWEST, ensure_all, python_of, release_env
 
 pytestmark = pytest.mark.migration_check
 OURS = (LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE)
@@ -59,7 +60,9 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "3.17.2": ("3.17.2",),
 }
 UNTAGGING_RELEASE = "3.10.0"  # the one release that made gateway experiments without isGateway
+FIRST_GATEWAY_RELEASE = (3, 10)
 Tag = tuple[int, str, "str | None"]
+PARALLEL = int(os.environ.get("MGB_MIGRATION_CHECK_PARALLEL") or max(2, os.cpu_count() or 2))
 
 
 @dataclass(frozen=True)
@@ -123,56 +126,20 @@ def assert_end_state(before: State, after: State, to_tag: set[int]) -> None:
     assert after.tags - before.tags == {(e, ISGW, TRUE) for e in to_tag}
 
 
+def release_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert result.returncode == 0, f"{result.args}: exit {result.returncode}\n{result.stderr[-3000:]}"
     return result
 
 
-def mlflow_db_upgrade(python: Path, url: str, cwd: Path) -> None:
-    command = [str(python), "-m", "mlflow", "db", "upgrade", mlflow_url(url)]
-    ok(subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=900))
-
-
-@dataclass
-class Written:
-    """One matrix entry's database, a copy of it for the --sql script, and what each release wrote."""
-
-    url: str
-    copy: str
-    reports: list[dict[str, Any]]
-
-    def ids(self, kind: str, release: str | None = None) -> set[int]:
-        return {e for r in self.reports if release in (None, r["mlflow"]) for e in r[kind]}
-
-
 def write(python: Path, url: str, label: str, cwd: Path) -> dict[str, Any]:
     """Run the writer with one release's interpreter; returns its report."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     command = [str(python), str(WRITER), mlflow_url(url), label]
-    result = ok(subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=900))
+    result = ok(subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=release_env(), timeout=900))
     return json.loads(result.stdout)
-
-
-@pytest.fixture(scope="session")
-def venvs() -> dict[str, Path]:
-    """Every release's venv, built side by side on first use (then reused from the cache)."""
-    return ensure_all()
-
-
-@pytest.fixture(scope="session")
-def written(server, venvs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Written]:  # type: ignore[no-untyped-def]
-    """Every matrix entry's database on this backend. The entries are independent, so their writers run
-    side by side (one thread per entry, the releases of one entry in order): on 2 cores this takes
-    about half the time of writing them one after the other."""
-    cwd = tmp_path_factory.mktemp("writers")
-    urls = {entry: server.new_database() for entry in MATRIX}
-
-    def fill(entry: str) -> list[dict[str, Any]]:
-        return [write(python_of(venvs[r]), urls[entry], "v" + r.replace(".", "_"), cwd) for r in MATRIX[entry]]
-
-    with ThreadPoolExecutor(max_workers=len(MATRIX)) as pool:
-        reports = dict(zip(MATRIX, pool.map(fill, MATRIX), strict=True))
-    return {entry: Written(urls[entry], server.clone(urls[entry]), reports[entry]) for entry in MATRIX}
 
 
 def listed(ui: MlflowServer) -> set[int]:
@@ -196,12 +163,13 @@ def check_newest_mlflow(url: str, newest: Path, workdir: Path, untagged: set[int
 
     ``untagged``: the experiments the backfill tagged. Then the same running server must list them after
     ``alembic downgrade base`` (the list can show what the check looks for) and hide them again after
-    ``alembic upgrade head``, run under the live server on the newest schema.
+    ``alembic upgrade head``, run under the live server on the newest schema. One server start per database,
+    in whose interpreter ``mlflow db upgrade`` runs first.
     """
-    mlflow_db_upgrade(newest, url, workdir)
-    upgraded = state(url)
-    assert not upgraded.to_tag()
-    with MlflowServer(newest, url, workdir) as ui:
+    with MlflowServer(newest, url, workdir, upgrade_first=True) as ui:
+        assert ui.upgraded()
+        upgraded = state(url)
+        assert not upgraded.to_tag()
         shown = listed(ui)
         assert shown == upgraded.ui_list()
         assert not shown & upgraded.gateway(), "the UI lists gateway experiments"
@@ -217,31 +185,71 @@ def check_newest_mlflow(url: str, newest: Path, workdir: Path, untagged: set[int
         assert listed(ui) == shown
 
 
-@pytest.mark.parametrize("entry", MATRIX)
-def test_migration_check(
-    entry: str, written: dict[str, Written], server, venvs: dict[str, Path], tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
-    data = written[entry]
-    before = state(data.url, skip=())
+def check_entry(entry: str, server, venvs: dict[str, Path], workdir: Path) -> None:  # type: ignore[no-untyped-def]
+    """The whole check of one matrix entry on one backend (see the module docstring)."""
+    url = server.new_database()
+    reports = [write(python_of(venvs[r]), url, "v" + r.replace(".", "_"), workdir) for r in MATRIX[entry]]
+    copy = server.clone(url)  # the same data, for the --sql script
+
+    def written(kind: str, release: str | None = None) -> set[int]:
+        return {e for r in reports if release in (None, r["mlflow"]) for e in r[kind]}
+
+    before = state(url, skip=())
     # What the releases wrote is what the check is about: the gateway experiments they reported are
     # exactly the sourceType=GATEWAY ones, and exactly 3.10.0's lack isGateway.
-    assert before.gateway() == data.ids("gateway")
-    assert before.to_tag() == data.ids("gateway", release=UNTAGGING_RELEASE)
-    assert bool(before.gateway()) == (entry != "2.22.5")
-    assert data.ids("gateway_deleted") <= before.gateway() - before.active
+    assert before.gateway() == written("gateway")
+    assert before.to_tag() == written("gateway", release=UNTAGGING_RELEASE)
+    assert bool(before.gateway()) == any(release_tuple(r["mlflow"]) >= FIRST_GATEWAY_RELEASE for r in reports)
+    assert written("gateway_deleted") <= before.gateway() - before.active
 
     if not before.to_tag():  # nothing missing: `run` is a fast no-op that writes nothing of MLflow's
-        report = json.loads(ok(run_cli("run", "--json", "--database-url", data.url)).stdout)
+        report = json.loads(ok(run_cli("run", "--json", "--database-url", url)).stdout)
         assert report["inserted"] == 0
-        assert state(data.url) == before
+        assert state(url) == before
 
-    check_alembic_round_trip(data.url, before)
+    check_alembic_round_trip(url, before)
 
-    script = ok(alembic(data.copy, "upgrade", "head", "--sql"))
-    server.run_sql_script(data.copy, script.stdout)
-    assert state(data.copy) == state(data.url)
+    script = ok(alembic(copy, "upgrade", "head", "--sql"))
+    server.run_sql_script(copy, script.stdout)
+    assert state(copy) == state(url)
 
-    check_newest_mlflow(data.url, python_of(venvs[NEWEST]), tmp_path, before.to_tag())
+    check_newest_mlflow(url, python_of(venvs[NEWEST]), workdir, before.to_tag())
+
+
+@dataclass
+class Outcome:
+    error: BaseException | None
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def checked(server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:  # type: ignore[no-untyped-def]
+    """Every matrix entry's check on this backend, run side by side; each test reports its own entry.
+
+    One check is a chain of mostly single processes (writers, alembic, mlflow), so one at a time leaves
+    the second core idle: two or more at once take about half the time on 2 cores.
+    """
+    venvs = ensure_all()
+
+    def run(entry: str) -> Outcome:
+        start = time.monotonic()
+        workdir = tmp_path_factory.mktemp(entry)
+        try:
+            check_entry(entry, server, venvs, workdir)
+        except Exception as exc:  # noqa: BLE001 - raised again by the entry's own test
+            return Outcome(exc, time.monotonic() - start)
+        return Outcome(None, time.monotonic() - start)
+
+    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        return dict(zip(MATRIX, pool.map(run, MATRIX), strict=True))
+
+
+@pytest.mark.parametrize("entry", MATRIX)
+def test_migration_check(entry: str, checked: dict[str, Outcome], record_property) -> None:  # type: ignore[no-untyped-def]
+    outcome = checked[entry]
+    record_property("seconds", round(outcome.seconds, 1))
+    if outcome.error is not None:
+        raise outcome.error
 
 
 def test_one_head() -> None:
