@@ -46,8 +46,8 @@ START_TIMEOUT = 180.0
 def mlflow_url(url: str) -> str:
     """``url`` as an MLflow user writes it, for the drivers the release venvs have.
 
-    Plain ``postgresql://`` (psycopg2) and ``mysql+pymysql://`` (PyMySQL, also for MariaDB): the tests'
-    own URLs name psycopg 3, which MLflow's venvs do not need.
+    Plain ``postgresql://`` (psycopg2 under SQLAlchemy 2.0, psycopg 3 under 2.1) and ``mysql+pymysql://``
+    (PyMySQL, also for MariaDB), whatever driver the tests' own URLs name.
     """
     parsed = sa.make_url(url)
     backend = parsed.get_backend_name()

@@ -41,14 +41,15 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from backfill.db import parse_url
-from backfill.sql import GATEWAY, LEDGER_TABLE, RUNS_TABLE, TRUE, VERSION_TABLE
-from backfill.sql import IS_GATEWAY_KEY as ISGW
-from backfill.sql import SOURCE_TYPE_KEY as SRC
+from backfill.sql import LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE
 from tests.conftest import REPO, alembic, run_cli
 from tests.mlflow_server import MlflowServer, mlflow_url
 from tests.mlflow_versions import NEWEST, ensure_all, python_of, release_env
 
 pytestmark = pytest.mark.migration_check
+# The rule, spelled out here rather than imported from the code under test.
+SRC, GATEWAY = "mlflow.experiment.sourceType", "GATEWAY"
+ISGW, TRUE = "mlflow.experiment.isGateway", "true"
 OURS = (LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE)
 WRITER = Path(__file__).with_name("mlflow_writer.py")
 # Matrix entry -> the releases that write its database, in order, each with its own interpreter.
@@ -223,25 +224,30 @@ class Outcome:
 
 
 @pytest.fixture(scope="session")
-def checked(server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:  # type: ignore[no-untyped-def]
-    """Every matrix entry's check on this backend, run side by side; each test reports its own entry.
+def checked(server, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:  # type: ignore[no-untyped-def]
+    """The selected matrix entries' checks on this backend, run side by side; each test reports its own.
 
     One check is a chain of mostly single processes (writers, alembic, mlflow), so one at a time leaves
-    the second core idle: two or more at once take about half the time on 2 cores.
+    the second core idle: two at once take about half the time on 2 cores.
     """
-    venvs = ensure_all()
+    selected = {
+        item.callspec.params["entry"]
+        for item in request.session.items
+        if item.originalname == "test_migration_check" and item.callspec.params["backend"] == server.backend
+    }
+    entries = [e for e in MATRIX if e in selected]
+    venvs = ensure_all(sorted({NEWEST, *(r for e in entries for r in MATRIX[e])}))
 
     def run(entry: str) -> Outcome:
         start = time.monotonic()
-        workdir = tmp_path_factory.mktemp(entry)
         try:
-            check_entry(entry, server, venvs, workdir)
+            check_entry(entry, server, venvs, tmp_path_factory.mktemp(entry))
         except Exception as exc:  # noqa: BLE001 - raised again by the entry's own test
             return Outcome(exc, time.monotonic() - start)
         return Outcome(None, time.monotonic() - start)
 
     with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
-        return dict(zip(MATRIX, pool.map(run, MATRIX), strict=True))
+        return dict(zip(entries, pool.map(run, entries), strict=True))
 
 
 @pytest.mark.parametrize("entry", MATRIX)
