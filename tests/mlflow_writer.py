@@ -86,6 +86,8 @@ def main() -> None:
             store.update_run_info(run_id, RunStatus.FINISHED, now + 10, f"run-{i}-{r}")
             run_ids.append(run_id)
     store.delete_run(run_ids[-1])
+    for i in range(20):  # enough experiments that the UI's list (25 a page) has a second page
+        report["ordinary"].append(int(store.create_experiment(f"{label}/plain-{i}")))
     gone = store.create_experiment(f"{label}/ordinary-deleted", tags=[ExperimentTag("team", "old")])
     store.delete_experiment(gone)
     report["ordinary_deleted"].append(int(gone))

@@ -43,7 +43,7 @@ from alembic.script import ScriptDirectory
 from backfill.db import parse_url
 from backfill.sql import LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE
 from tests.conftest import REPO, alembic, run_cli
-from tests.mlflow_server import MlflowServer, mlflow_url
+from tests.mlflow_server import UI_QUERY, MlflowServer, mlflow_url
 from tests.mlflow_versions import NEWEST, ensure_all, python_of, release_env
 
 pytestmark = pytest.mark.migration_check
@@ -159,13 +159,13 @@ def check_alembic_round_trip(url: str, before: State) -> None:
     assert_end_state(before, state(url), before.to_tag())
 
 
-def check_newest_mlflow(url: str, newest: Path, workdir: Path, untagged: set[int]) -> None:
+def check_newest_mlflow(url: str, newest: Path, workdir: Path, untagged: set[int]) -> set[int]:
     """`mlflow db upgrade` with the newest MLflow, then its real server's UI list hides every gateway experiment.
 
     ``untagged``: the experiments the backfill tagged. Then the same running server must list them after
     ``alembic downgrade base`` (the list can show what the check looks for) and hide them again after
     ``alembic upgrade head``, run under the live server on the newest schema. One server start per database,
-    in whose interpreter ``mlflow db upgrade`` runs first.
+    in whose interpreter ``mlflow db upgrade`` runs first. Returns the ids the UI lists.
     """
     with MlflowServer(newest, url, workdir, upgrade_first=True) as ui:
         assert ui.upgraded()
@@ -175,7 +175,7 @@ def check_newest_mlflow(url: str, newest: Path, workdir: Path, untagged: set[int
         assert shown == upgraded.ui_list()
         assert not shown & upgraded.gateway(), "the UI lists gateway experiments"
         if not untagged:
-            return
+            return shown
         ok(alembic(url, "downgrade", "base"))
         original = state(url, skip=(VERSION_TABLE,))
         assert original.tables == upgraded.tables
@@ -184,6 +184,7 @@ def check_newest_mlflow(url: str, newest: Path, workdir: Path, untagged: set[int
         ok(alembic(url, "upgrade", "head"))
         assert_end_state(original, state(url), untagged)
         assert listed(ui) == shown
+    return shown
 
 
 def check_entry(entry: str, server, venvs: dict[str, Path], workdir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -214,7 +215,8 @@ def check_entry(entry: str, server, venvs: dict[str, Path], workdir: Path) -> No
     server.run_sql_script(copy, script.stdout)
     assert state(copy) == state(url)
 
-    check_newest_mlflow(url, python_of(venvs[NEWEST]), workdir, before.to_tag())
+    shown = check_newest_mlflow(url, python_of(venvs[NEWEST]), workdir, before.to_tag())
+    assert len(shown) > int(UI_QUERY["max_results"]), "the list has more than one page"
 
 
 @dataclass
