@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +46,7 @@ RELEASES: dict[str, tuple[str, ...]] = {
 NEWEST = "3.17.2"
 EXCLUDE_NEWER = "2026-11-26T00:00:00Z"
 SPEC_FILE = ".mgb-spec.json"
+UV_REQUIREMENT = "uv>=0.9,<1"
 
 
 def venv_root() -> Path:
@@ -75,11 +76,25 @@ def _spec(version: str) -> dict[str, object]:
     }
 
 
-def _uv() -> str:
-    """The uv binary of the project's own environment (the ``uv`` package)."""
-    from uv import find_uv_bin
+def _uv(root: Path) -> str:
+    """uv: the project environment's ``uv`` package, else one bootstrapped with pip beside the venvs.
 
+    The bootstrap keeps the check working in an environment made before uv was a test dependency.
+    """
+    try:
+        from uv import find_uv_bin
+    except ImportError:
+        tool = _ensure(root, "uv-tool", {"requirements": [UV_REQUIREMENT]}, _build_uv_tool)
+        return str(tool / "bin" / "uv")
     return find_uv_bin()
+
+
+def _build_uv_tool(target: Path, spec: dict[str, object]) -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(target)], check=True, capture_output=True, timeout=300)
+    command = [str(python_of(target)), "-m", "pip", "install", "--quiet", UV_REQUIREMENT]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"pip install {UV_REQUIREMENT} failed:\n{result.stderr[-3000:]}")
 
 
 def python_of(venv: Path) -> Path:
@@ -114,45 +129,52 @@ def _is_ready(venv: Path, spec: dict[str, object]) -> bool:
 def ensure_venv(version: str, root: Path | None = None, uv_cache: Path | None = None) -> Path:
     """The venv of MLflow ``version`` (a key of RELEASES), built first if missing or stale; returns its path."""
     root = root or venv_root()
-    venv = root / version
-    spec = _spec(version)
+    cache = uv_cache or root / ".uv-cache"
+    return _ensure(root, version, _spec(version), lambda target, spec: _build(target, spec, _uv(root), cache))
+
+
+def _ensure(root: Path, name: str, spec: dict[str, object], build: Callable[[Path, dict[str, object]], None]) -> Path:
+    """``root/name`` as ``build`` makes it for ``spec``, reused while its recorded spec matches.
+
+    Built in a temporary directory under a per-name lock and renamed into place, so that concurrent
+    callers build it once and never see a half-built venv.
+    """
+    venv = root / name
     if _is_ready(venv, spec):
         return venv
-    with _locked(root / f".{version}.lock"):
+    with _locked(root / f".{name}.lock"):
         if _is_ready(venv, spec):  # another process built it while we waited
             return venv
-        build = Path(tempfile.mkdtemp(prefix=f".{version}.build-", dir=root))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=root))
         try:
-            _build(build, spec, uv_cache or root / ".uv-cache")
+            build(staging, spec)
+            (staging / SPEC_FILE).write_text(json.dumps(spec))
             if venv.exists():  # stale: a different spec; move it aside first (rename cannot replace a directory)
-                stale = Path(tempfile.mkdtemp(prefix=f".{version}.stale-", dir=root))
+                stale = Path(tempfile.mkdtemp(prefix=f".{name}.stale-", dir=root))
                 venv.rename(stale / "venv")
                 shutil.rmtree(stale, ignore_errors=True)
-            build.rename(venv)
+            staging.rename(venv)
         finally:
-            shutil.rmtree(build, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
     return venv
 
 
-def _build(target: Path, spec: dict[str, object], uv_cache: Path) -> None:
-    """A relocatable venv in ``target`` (it is renamed afterwards); the spec is recorded last.
+def _build(target: Path, spec: dict[str, object], uv: str, uv_cache: Path) -> None:
+    """A relocatable venv with the spec's requirements in ``target`` (renamed afterwards).
 
     Bytecode is compiled here, once: left to the first import it is never cached where
     PYTHONDONTWRITEBYTECODE is set (as on the project's machines), and every MLflow process of the check
     would then compile MLflow again (about 5 s of CPU each).
     """
     env = {**os.environ, "UV_CACHE_DIR": str(uv_cache), "UV_NO_CONFIG": "1"}
-    uv = _uv()
+    requirements = [str(r) for r in spec["requirements"]]  # type: ignore[attr-defined]
 
     def run(*args: str) -> None:
         result = subprocess.run([uv, *args], env=env, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
-            raise RuntimeError(
-                f"uv {' '.join(args[:2])} failed for {spec['requirements'][0]}:\n{result.stderr[-3000:]}"
-            )
+            raise RuntimeError(f"uv {' '.join(args[:2])} failed for {requirements[0]}:\n{result.stderr[-3000:]}")
 
     run("venv", "--quiet", "--relocatable", "--allow-existing", "--python", _base_python(), str(target))
-    requirements = [str(r) for r in spec["requirements"]]  # type: ignore[union-attr]
     run(
         "pip",
         "install",
@@ -164,7 +186,6 @@ def _build(target: Path, spec: dict[str, object], uv_cache: Path) -> None:
         str(python_of(target)),
         *requirements,
     )
-    (target / SPEC_FILE).write_text(json.dumps(spec))
 
 
 def ensure_all(versions: list[str] | None = None) -> dict[str, Path]:
