@@ -37,7 +37,8 @@ from pathlib import Path
 # Plain postgresql:// means psycopg2 to SQLAlchemy 2.0 (2.22.5's) and psycopg 3 to SQLAlchemy 2.1 (3.10+'s).
 DRIVERS = ("psycopg2-binary", "psycopg[binary]", "PyMySQL")
 RELEASES: dict[str, tuple[str, ...]] = {
-    # The last 2.x line. 2.22.5 declares sqlalchemy<3, but its store is untested on SQLAlchemy 2.1.
+    # The last 2.x. It declares sqlalchemy<3 but fails to import on SQLAlchemy 2.1 (its store imports
+    # sqlalchemy.pool.FallbackAsyncAdaptedQueuePool, which 2.1 removed), so its users have 2.0.
     "2.22.5": ("mlflow==2.22.5", "SQLAlchemy>=2.0,<2.1", *DRIVERS),
     "3.10.0": ("mlflow==3.10.0", *DRIVERS),  # the first with gateway experiments, without isGateway
     "3.10.1": ("mlflow==3.10.1", *DRIVERS),  # tags new gateway experiments isGateway=true
