@@ -16,6 +16,9 @@ import sqlalchemy as sa
 from backfill.sql import IS_GATEWAY_KEY
 
 os.environ.setdefault("MLFLOW_CRYPTO_KEK_PASSPHRASE", "test-only-passphrase")
+# MLflow 3.x sends usage telemetry off this machine unless told not to (or it detects CI or pytest);
+# `make demo` runs it outside both.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @dataclass
