@@ -21,8 +21,9 @@ from backfill import __version__, signals
 from backfill.connect import create_engine
 from backfill.errors import BackfillError, ExitCode
 from backfill.job import Backfill
+from backfill.replicas import DEFAULT_MAX_LAG, DEFAULT_TIMEOUT, Lag
 from backfill.retry import MAX_SECONDS, Timeouts
-from backfill.urls import display, parse_url, resolve_url
+from backfill.urls import display, parse_url, resolve_replicas, resolve_url
 from backfill.walk import DEFAULT_BATCH_SIZE, Settings
 
 MAX_BATCH = 1_000_000
@@ -68,11 +69,14 @@ TUNABLES: dict[str, click.ParamType] = {
     "lock-timeout": Seconds(0.01),
     "statement-timeout": Seconds(0.1),
     "connect-timeout": Seconds(1, 3600),
+    "max-replica-lag": Seconds(0.1),
+    "replica-timeout": Seconds(1),
 }
 
 
-def settings_from(values: dict[str, Any]) -> Settings:
-    """Settings (and their Timeouts) from tunables already converted, keyed by TUNABLES' names."""
+def settings_from(values: dict[str, Any], replicas: tuple[str, ...] = ()) -> Settings:
+    """Settings (and their Timeouts) from tunables already converted, keyed by TUNABLES' names, and the
+    replicas to wait for (given, else ``$MLFLOW_READ_REPLICA_BACKEND_STORE_URI``)."""
     timeouts = Timeouts(
         lock=values.get("lock-timeout", Timeouts.lock),
         statement=values.get("statement-timeout", Timeouts.statement),
@@ -84,7 +88,36 @@ def settings_from(values: dict[str, Any]) -> Settings:
         sleep=values.get("sleep", Settings.sleep),
         max_rows_per_second=values.get("max-rows-per-second"),
         timeouts=timeouts,
+        replicas=resolve_replicas(replicas),
+        max_replica_lag=values.get("max-replica-lag", DEFAULT_MAX_LAG),
+        replica_timeout=values.get("replica-timeout", DEFAULT_TIMEOUT),
     )
+
+
+def replica_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option(
+        "--replica-timeout",
+        type=TUNABLES["replica-timeout"],
+        default=DEFAULT_TIMEOUT,
+        show_default=True,
+        help="Seconds a replica may stay behind (or out of reach) before the work stops, resumably (exit 7).",
+    )(func)
+    func = click.option(
+        "--max-replica-lag",
+        type=TUNABLES["max-replica-lag"],
+        default=DEFAULT_MAX_LAG,
+        show_default=True,
+        help="Hold the next batch while a replica has not replayed a batch older than this (seconds).",
+    )(func)
+    return click.option(
+        "--replica-url",
+        "replica_urls",
+        metavar="URL",
+        multiple=True,
+        help="A read replica to wait for (repeatable). Default: $MLFLOW_READ_REPLICA_BACKEND_STORE_URI, as "
+        "`mlflow server` reads it. Before each batch the work holds while a replica lags; at the end it waits "
+        "until every replica has replayed every batch.",
+    )(func)
 
 
 def database_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -198,8 +231,10 @@ def _read_only_command() -> Iterator[None]:
 class _Bar:
     """A tqdm bar (rate, ETA) on a terminal; a plain line every ``every`` seconds otherwise."""
 
-    def __init__(self, enabled: bool, every: float = 10.0) -> None:
+    def __init__(self, enabled: bool, every: float = 10.0, as_json: bool = False) -> None:
         self.enabled = enabled
+        self.as_json = as_json
+        self.last_wait = 0.0
         self.tty = sys.stderr.isatty()
         self.every = every
         self.bar: tqdm | None = None
@@ -227,6 +262,22 @@ class _Bar:
                 f"{rate:.0f}/s, eta {eta:.0f}s",
                 err=True,
             )
+
+    def waiting(self, lag: Lag) -> None:
+        """A replica holds the work: say so, at most every few seconds (JSON lines with --json)."""
+        if time.monotonic() - self.last_wait < 2:
+            return
+        self.last_wait = time.monotonic()
+        state = lag.reason or f"lag {lag.seconds:.1f} s, {lag.pending} batches behind"
+        if self.as_json:
+            event = {"event": "waiting for replica", "replica": lag.replica, "lag_seconds": round(lag.seconds, 2)}
+            click.echo(json.dumps({**event, "pending_batches": lag.pending, "reason": lag.reason}), err=True)
+        elif self.enabled:
+            message = f"waiting for replica {lag.replica}: {state}"
+            if self.bar is not None:
+                self.bar.write(message, file=sys.stderr)
+            else:
+                click.echo(message, err=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -264,6 +315,7 @@ class _Bar:
 )
 @retries_option
 @timeout_options
+@replica_options
 @click.option("--dry-run", is_flag=True, help="Count what would be inserted; write nothing (read-only user is fine).")
 @json_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -280,6 +332,9 @@ def run(
     lock_timeout: float,
     statement_timeout: float,
     connect_timeout: float,
+    replica_urls: tuple[str, ...],
+    max_replica_lag: float,
+    replica_timeout: float,
     dry_run: bool,
     as_json: bool,
     quiet: bool,
@@ -318,8 +373,11 @@ def run(
             max_rows_per_second=max_rows_per_second,
             adaptive=not fixed,
             timeouts=timeouts,
+            replicas=resolve_replicas(replica_urls),
+            max_replica_lag=max_replica_lag,
+            replica_timeout=replica_timeout,
         )
-        bar = _Bar(enabled=not quiet and not (as_json and not sys.stderr.isatty()))
+        bar = _Bar(enabled=not quiet and not (as_json and not sys.stderr.isatty()), as_json=as_json)
         report = job.run(progress=bar, should_stop=stop)
         where = display(job.engine.url)
         if report.inserted:
@@ -432,6 +490,7 @@ def _confirm(prompt: str) -> bool:
 )
 @retries_option
 @timeout_options
+@replica_options
 @json_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (implied when stdin is not a terminal).")
 def revert(
@@ -442,6 +501,9 @@ def revert(
     lock_timeout: float,
     statement_timeout: float,
     connect_timeout: float,
+    replica_urls: tuple[str, ...],
+    max_replica_lag: float,
+    replica_timeout: float,
     as_json: bool,
     yes: bool,
 ) -> None:
@@ -458,7 +520,14 @@ def revert(
     with _errors():
         timeouts = Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout, retries=retries)
         job = _job(database_url, timeouts)
-        job.settings = Settings(batch_size=batch_size, sleep=sleep, timeouts=timeouts)
+        job.settings = Settings(
+            batch_size=batch_size,
+            sleep=sleep,
+            timeouts=timeouts,
+            replicas=resolve_replicas(replica_urls),
+            max_replica_lag=max_replica_lag,
+            replica_timeout=replica_timeout,
+        )
         prompt = f"Remove the isGateway tags this tool inserted on {display(job.engine.url)}?"
         if not yes and sys.stdin.isatty():
             try:

@@ -100,17 +100,34 @@ def _range(column: str, bounded: bool) -> str:
     return f" AND {column} >= :lo AND {column} <= :hi" if bounded else ""
 
 
+def _no_isgateway(dialect: str, t: Names, bounded: bool) -> str:
+    """The experiment ``s`` has no isGateway row: one primary-key probe per experiment.
+
+    A correlated scalar subquery with LIMIT 1, which no planner turns into a join: the cost stays one index
+    lookup per gateway experiment whatever the statistics say. (A NOT EXISTS became, on PostgreSQL with
+    statistics taken before any isGateway row existed, a nested loop over a materialized list of every
+    isGateway row, rescanned for each experiment: quadratic.) In a batch the lookup is also bounded to the
+    batch's range, which keeps MySQL's optional subquery_to_derived rewrite to the batch too. For whole-table
+    queries the MySQL family keeps NOT EXISTS: InnoDB's plans for it are linear, and cheaper there.
+    """
+    k = _key(dialect)
+    lookup = (
+        f"FROM {t.tags} g WHERE g.{k} = :isgw AND g.experiment_id = s.experiment_id{_range('g.experiment_id', bounded)}"
+    )
+    if dialect == "mysql" and not bounded:
+        return f"NOT EXISTS (SELECT 1 {lookup})"
+    return f"(SELECT 1 {lookup} LIMIT 1) IS NULL"
+
+
 def _missing(dialect: str, t: Names, columns: str, bounded: bool) -> str:
     """SELECT ``columns`` of the experiments missing the tag (in [lo, hi] when ``bounded``); the gateway
-    tag row is ``s``, its experiment ``e``. The isGateway lookup is bounded to the same range, so a
-    planner that misjudges how many isGateway rows exist cannot make it scan more than the batch."""
+    tag row is ``s``, its experiment ``e``. Every table is bounded to the batch's range."""
     k = _key(dialect)
     return (
         f"SELECT {columns} FROM {t.tags} s JOIN {t.experiments} e ON e.experiment_id = s.experiment_id"
         f" WHERE {_exact(dialect, f's.{k}', 'src')} AND {_exact(dialect, 's.value', 'gw')}"
-        f"{_range('s.experiment_id', bounded)}"
-        f" AND NOT EXISTS (SELECT 1 FROM {t.tags} g WHERE g.{k} = :isgw AND g.experiment_id = s.experiment_id"
-        f"{_range('g.experiment_id', bounded)})"
+        f"{_range('s.experiment_id', bounded)}{_range('e.experiment_id', bounded)}"
+        f" AND {_no_isgateway(dialect, t, bounded)}"
     )
 
 
@@ -127,7 +144,8 @@ def _batch(dialect: str, t: Names, bounded: bool) -> tuple[str, ...]:
             f" {_missing(dialect, t, 'CAST(:isgw AS VARCHAR), CAST(:tv AS VARCHAR), s.experiment_id', bounded)}"
             f" ON CONFLICT ({k}, experiment_id) DO NOTHING RETURNING experiment_id)"
             f" {_ledger_insert(t)} SELECT ins.experiment_id, e.creation_time, :run, :now"
-            f" FROM ins JOIN {t.experiments} e ON e.experiment_id = ins.experiment_id"
+            f" FROM ins JOIN {t.experiments} e ON e.experiment_id = ins.experiment_id WHERE 1 = 1"
+            f"{_range('e.experiment_id', bounded)}"
             " ON CONFLICT (experiment_id) DO UPDATE SET experiment_created = EXCLUDED.experiment_created,"
             " run_id = EXCLUDED.run_id, inserted_at_ns = EXCLUDED.inserted_at_ns",
         )
@@ -166,29 +184,48 @@ def _revert(dialect: str, t: Names, bounded: bool) -> tuple[str, str]:
     k = _key(dialect)
     return (
         f"DELETE FROM {t.tags} WHERE {_exact(dialect, k, 'isgw')} AND {_exact(dialect, 'value', 'tv')}"
-        f" AND experiment_id IN (SELECT l.experiment_id FROM {t.ledger} l"
+        f"{_range('experiment_id', bounded)} AND experiment_id IN (SELECT l.experiment_id FROM {t.ledger} l"
         f" JOIN {t.experiments} e ON e.experiment_id = l.experiment_id"
         " WHERE COALESCE(l.experiment_created, -1) = COALESCE(e.creation_time, -1)"
-        f"{_range('l.experiment_id', bounded)})",
+        f"{_range('l.experiment_id', bounded)}{_range('e.experiment_id', bounded)})",
         f"DELETE FROM {t.ledger}" + (" WHERE experiment_id >= :lo AND experiment_id <= :hi" if bounded else ""),
     )
 
 
 def _status(dialect: str, t: Names) -> str:
+    """gateway, deleted, tagged, missing (orphans excluded), orphans: one pass over the gateway tag rows.
+
+    PostgreSQL probes each experiment's isGateway row (a scalar subquery; OFFSET 0 keeps it from being
+    inlined, so it runs once per row), for the reason given in :func:`_no_isgateway`. SQLite and the MySQL
+    family keep a LEFT JOIN: their plans for it are a probe per row already (SQLite would flatten the
+    derived table and probe twice).
+    """
     k = _key(dialect)
     gateway = f"{_exact(dialect, f's.{k}', 'src')} AND {_exact(dialect, 's.value', 'gw')}"
-    return (
-        "SELECT COUNT(e.experiment_id) AS gateway,"
-        " COALESCE(SUM(CASE WHEN e.lifecycle_stage = 'deleted' THEN 1 ELSE 0 END), 0) AS deleted,"
-        f" COALESCE(SUM(CASE WHEN e.experiment_id IS NOT NULL AND g.experiment_id IS NOT NULL"
-        f" AND {_exact(dialect, 'g.value', 'tv')} THEN 1 ELSE 0 END), 0) AS tagged,"
-        " COALESCE(SUM(CASE WHEN e.experiment_id IS NOT NULL AND g.experiment_id IS NULL THEN 1 ELSE 0 END), 0)"
-        " AS missing,"
-        " COALESCE(SUM(CASE WHEN e.experiment_id IS NULL THEN 1 ELSE 0 END), 0) AS orphans"
-        f" FROM {t.tags} s LEFT JOIN {t.experiments} e ON e.experiment_id = s.experiment_id"
-        f" LEFT JOIN {t.tags} g ON g.{k} = :isgw AND g.experiment_id = s.experiment_id"
-        f" WHERE {gateway}"
+    counts = (
+        "COUNT(x.experiment_id) AS gateway,"
+        " COALESCE(SUM(CASE WHEN x.lifecycle_stage = 'deleted' THEN 1 ELSE 0 END), 0) AS deleted,"
+        " COALESCE(SUM(CASE WHEN x.experiment_id IS NOT NULL AND x.tag = 1 THEN 1 ELSE 0 END), 0) AS tagged,"
+        " COALESCE(SUM(CASE WHEN x.experiment_id IS NOT NULL AND x.tag IS NULL THEN 1 ELSE 0 END), 0) AS missing,"
+        " COALESCE(SUM(CASE WHEN x.experiment_id IS NULL THEN 1 ELSE 0 END), 0) AS orphans"
     )
+    if dialect == "postgresql":
+        tag = (
+            f"(SELECT CASE WHEN g.value = :tv THEN 1 ELSE 0 END FROM {t.tags} g"
+            " WHERE g.key = :isgw AND g.experiment_id = s.experiment_id LIMIT 1)"
+        )
+        rows = (
+            f"SELECT e.experiment_id, e.lifecycle_stage, {tag} AS tag FROM {t.tags} s"
+            f" LEFT JOIN {t.experiments} e ON e.experiment_id = s.experiment_id WHERE {gateway} OFFSET 0"
+        )
+    else:
+        rows = (
+            "SELECT e.experiment_id, e.lifecycle_stage,"
+            f" CASE WHEN g.experiment_id IS NULL THEN NULL WHEN {_exact(dialect, 'g.value', 'tv')} THEN 1 ELSE 0 END"
+            f" AS tag FROM {t.tags} s LEFT JOIN {t.experiments} e ON e.experiment_id = s.experiment_id"
+            f" LEFT JOIN {t.tags} g ON g.{k} = :isgw AND g.experiment_id = s.experiment_id WHERE {gateway}"
+        )
+    return f"SELECT {counts} FROM ({rows}) x"
 
 
 def _probes(dialect: str, t: Names) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -217,7 +254,8 @@ def statements(dialect: str, prefix: str = "") -> DialectSQL:
             "sqlite": "BEGIN IMMEDIATE",
         }[dialect],
         batch=_batch(dialect, t, bounded=True),
-        first_missing=_missing(dialect, t, "MIN(s.experiment_id)", bounded=False),
+        # ORDER BY ... LIMIT 1 stops at the first missing experiment, in primary-key order.
+        first_missing=_missing(dialect, t, "s.experiment_id", bounded=False) + " ORDER BY s.experiment_id LIMIT 1",
         # Keyset: the upper end (and count) of the next n rows of the (key, experiment_id) primary key. No OFFSET.
         next_bound=(
             f"SELECT MAX(experiment_id), COUNT(*) FROM (SELECT experiment_id FROM {t.tags}"

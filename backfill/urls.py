@@ -61,6 +61,15 @@ def resolve_url(explicit: str | None = None) -> Resolved:
     return Resolved(DEFAULT_URL, "the default")
 
 
+def resolve_replicas(explicit: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """The read replicas to wait for: those given, else ``$MLFLOW_READ_REPLICA_BACKEND_STORE_URI`` (what
+    ``mlflow server --read-replica-backend-store-uri`` reads), else none."""
+    if explicit:
+        return tuple(explicit)
+    from_env = os.environ.get("MLFLOW_READ_REPLICA_BACKEND_STORE_URI", "").strip()
+    return (from_env,) if from_env else ()
+
+
 def parse_url(raw: str) -> URL:
     """Parse a URL the way users give it to MLflow and normalise its driver.
 

@@ -88,10 +88,19 @@ class _PortTaken(Exception):
 class MlflowServer:
     """``with MlflowServer(python, url, workdir) as server:`` a running server; ``server.ui_experiments()``."""
 
-    def __init__(self, python: Path, database_url: str, workdir: Path, upgrade_first: bool = False) -> None:
+    def __init__(
+        self,
+        python: Path,
+        database_url: str,
+        workdir: Path,
+        upgrade_first: bool = False,
+        read_replica: str | None = None,
+    ) -> None:
         self.python = python
         self.upgrade_first = upgrade_first
         self.database_url = mlflow_url(database_url)
+        # MLflow 3's --read-replica-backend-store-uri: every read, the UI's experiment list included, from there.
+        self.read_replica = mlflow_url(read_replica) if read_replica else None
         self.workdir = workdir
         self.log = workdir / "mlflow-server.log"
         self.base = ""
@@ -142,6 +151,8 @@ class MlflowServer:
             "--workers",
             "1",
         ]
+        if self.read_replica:
+            command += ["--read-replica-backend-store-uri", self.read_replica]
         env = release_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(

@@ -39,8 +39,8 @@ import pytest
 import sqlalchemy as sa
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-
 from backfill.db import parse_url
+
 from backfill.sql import LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE
 from tests.conftest import REPO, alembic, run_cli
 from tests.mlflow_server import UI_QUERY, MlflowServer, mlflow_url

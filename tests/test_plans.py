@@ -50,9 +50,9 @@ def _seed(db: Db) -> None:
             )
         )
         for key, value, where in (
-            ("mlflow.experiment.sourceType", "'GATEWAY'", "n % 10 = 0"),
-            ("team", "CONCAT('t', n % 7)", "1 = 1"),
-            ("mlflow.note.content", "'notes'", "n % 3 = 0"),
+            ("mlflow.experiment.sourceType", "'GATEWAY'", "MOD(n, 10) = 0"),
+            ("team", "CONCAT('t', MOD(n, 7))", "1 = 1"),
+            ("mlflow.note.content", "'notes'", "MOD(n, 3) = 0"),
         ):
             conn.execute(
                 sa.text(

@@ -183,17 +183,29 @@ def test_verify_on_the_replica_says_what_the_ui_will_show(pair: Pair, replicated
 
 
 def test_the_ui_reading_from_the_replica_lists_no_gateway_experiment(pair: Pair, replicated: tuple[Db, str]) -> None:
-    from tests import backends, mlflow_versions
+    import tempfile
+    from pathlib import Path
+
+    from tests import backends
+    from tests.mlflow_server import MlflowServer
+    from tests.mlflow_versions import NEWEST, ensure_venv, python_of
 
     db, replica_url = replicated
     names = {e: f"exp-{e}" for e in range(1000, 1060)}
-    with mlflow_versions.server(db.url, read_replica=replica_url) as ui:
-        assert set(names.values()) <= set(ui.experiment_list())  # before: the gateway experiments are listed
+    python = python_of(ensure_venv(NEWEST))
+    workdir = Path(tempfile.mkdtemp(prefix="mgb-ui-"))
+    with MlflowServer(python, db.url, workdir, upgrade_first=True, read_replica=replica_url) as ui:
+        backends.wait_for_replica(pair.primary, pair.replica)  # the newest MLflow's schema upgrade, replicated
+
+        def listed_names() -> set[str]:
+            return {e["name"] for e in ui.ui_experiments()}
+
+        assert set(names.values()) <= listed_names()  # before: the gateway experiments are listed
         backends.pause_replication(pair.replica)
         proc = _start_run(db.url, "--replica-url", replica_url, "--max-replica-lag", "0.5")
         time.sleep(1)
         backends.resume_replication(pair.replica)
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
-        listed = set(ui.experiment_list())  # at once: the run returned only once the replica had it all
+        listed = listed_names()  # at once: the run returned only once the replica had it all
     assert not set(names.values()) & listed
