@@ -393,19 +393,35 @@ def run(
 @cli.command()
 @database_option
 @timeout_options
+@click.option(
+    "--replica-url",
+    "replica_urls",
+    metavar="URL",
+    multiple=True,
+    help="Also report on this read replica (repeatable; default $MLFLOW_READ_REPLICA_BACKEND_STORE_URI): "
+    "whether it has replayed everything the primary has, and how many gateway experiments it shows untagged.",
+)
 @json_option
 def status(
-    database_url: str | None, lock_timeout: float, statement_timeout: float, connect_timeout: float, as_json: bool
+    database_url: str | None,
+    lock_timeout: float,
+    statement_timeout: float,
+    connect_timeout: float,
+    replica_urls: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Count gateway experiments: tagged, missing, conflicting, inserted by this tool. Read-only.
 
     \b
-    Example:
+    Examples:
       mlflow-gateway-backfill status --database-url mysql://mlflow@db/mlflow --json
+      mlflow-gateway-backfill status --replica-url postgresql://mlflow@replica/mlflow
     """
     with _read_only_command():
         timeouts = Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout)
-        st = _job(database_url, timeouts, read_only=True).status()
+        job = _job(database_url, timeouts, read_only=True)
+        st = job.status()
+        replicas = job.replica_report(list(resolve_replicas(replica_urls)))
         last = st.last_run
         lines = [
             f"gateway experiments:       {st.gateway} ({st.deleted} deleted)",
@@ -420,31 +436,55 @@ def status(
             lines.append(
                 f"last run: {last['id']} {last['state']}, {last['inserted']} inserted, cursor {last['last_id']}"
             )
-        _emit(as_json, asdict(st), "\n".join(lines))
+        for r in replicas:
+            state = "caught up" if r["caught_up"] else r["reason"] or f"lag {r['lag_seconds']} s"
+            lines.append(f"replica {r['replica']}: {state}; missing isGateway: {r['missing']}")
+        _emit(as_json, {**asdict(st), "replicas": replicas}, "\n".join(lines))
 
 
 @cli.command()
 @database_option
 @timeout_options
+@click.option(
+    "--replica-url",
+    "replica_urls",
+    metavar="URL",
+    multiple=True,
+    help="Check this read replica instead of the primary (repeatable): what a UI served from it shows.",
+)
 @json_option
 def verify(
-    database_url: str | None, lock_timeout: float, statement_timeout: float, connect_timeout: float, as_json: bool
+    database_url: str | None,
+    lock_timeout: float,
+    statement_timeout: float,
+    connect_timeout: float,
+    replica_urls: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Exit 0 when every gateway experiment has isGateway, 1 otherwise. Read-only; for CI and monitoring.
 
+    With --replica-url it checks those replicas (and not the primary): exit 1 while one of them still
+    shows a gateway experiment untagged.
+
     \b
-    Example:
+    Examples:
       mlflow-gateway-backfill verify || mlflow-gateway-backfill run
+      mlflow-gateway-backfill verify --replica-url postgresql://mlflow@replica/mlflow
     """
     with _read_only_command():
         timeouts = Timeouts(lock=lock_timeout, statement=statement_timeout, connect=connect_timeout)
-        missing = _job(database_url, timeouts, read_only=True).missing()
+        urls = list(replica_urls) or [None]
+        counts = [(url, _job(url or database_url, timeouts, read_only=True)) for url in urls]
+        results = [(display(job.engine.url), job.missing()) for _, job in counts]
+        missing = sum(n for _, n in results)
+        where = "" if replica_urls == () else " on " + ", ".join(shown for shown, _ in results)
         _emit(
             as_json,
-            {"ok": missing == 0, "missing": missing},
-            "ok: every gateway experiment carries isGateway"
+            {"ok": missing == 0, "missing": missing}
+            | ({"replicas": [{"replica": shown, "missing": n} for shown, n in results]} if replica_urls else {}),
+            f"ok: every gateway experiment carries isGateway{where}"
             if missing == 0
-            else f"missing: {missing} gateway experiments lack isGateway",
+            else f"missing: {missing} gateway experiments lack isGateway{where}",
         )
     if missing:
         sys.exit(int(ExitCode.MISSING))

@@ -21,12 +21,13 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from backfill import record
-from backfill.connect import close, connect, recover, transaction
+from backfill.connect import close, connect, create_engine, recover, transaction
 from backfill.errors import BackfillError, ExitCode, describe
 from backfill.lock import RunnerLock
 from backfill.replicas import Replicas
 from backfill.retry import limits, with_retries
 from backfill.schema import Target, inspect_target, ledger, metadata
+from backfill.urls import parse_url
 from backfill.walk import NoProgress, Progress, Report, RevertReport, RevertWalk, Settings, binds, stopped
 
 
@@ -90,6 +91,38 @@ class Backfill:
             conflicts = gateway - tagged - missing
             return Status(gateway, deleted, tagged, missing, conflicts, orphans, int(inserted or 0), last)
 
+    def replica_report(self, urls: list[str], settle: float = 2.0) -> list[dict[str, Any]]:
+        """Each replica: has it replayed the primary's current position (given ``settle`` seconds), and how
+        many gateway experiments does it show without isGateway? Read-only on both sides."""
+        if not urls:
+            return []
+        report = []
+        with self.session() as (conn, target), self._replicas(target, urls) as replicas:
+            assert replicas is not None
+            self._retried(conn, lambda: replicas.note(conn))
+            deadline = time.monotonic() + settle
+            lags = replicas.measure()
+            while any(lag.pending or lag.reason for lag in lags) and time.monotonic() < deadline:
+                time.sleep(0.1)
+                lags = replicas.measure()
+        for url, lag in zip(urls, lags, strict=True):
+            replica = Backfill(create_engine(parse_url(url), self.settings.timeouts, read_only=True), self.settings)
+            try:
+                missing: int | None = replica.missing()
+            except BackfillError as exc:
+                missing = None
+                lag = dataclasses.replace(lag, reason=lag.reason or str(exc))
+            report.append(
+                {
+                    "replica": lag.replica,
+                    "caught_up": not lag.pending and not lag.reason,
+                    "lag_seconds": round(lag.seconds, 2),
+                    "missing": missing,
+                    "reason": lag.reason,
+                }
+            )
+        return report
+
     def missing(self) -> int:
         """How many gateway experiments lack isGateway: one query (verify, `run --dry-run`)."""
         with self.session() as (conn, target):
@@ -137,15 +170,16 @@ class Backfill:
             return walk.run()
 
     @contextmanager
-    def _replicas(self, target: Target) -> Iterator[Replicas | None]:
-        """The run's read replicas (settings.replicas), or None."""
-        if not self.settings.replicas:
+    def _replicas(self, target: Target, urls: list[str] | None = None) -> Iterator[Replicas | None]:
+        """The read replicas (``urls``, else settings.replicas), or None."""
+        urls = list(self.settings.replicas) if urls is None else urls
+        if not urls:
             yield None
             return
         if target.dialect == "sqlite":
             raise BackfillError("SQLite has no read replicas: drop --replica-url", ExitCode.USAGE)
         replicas = Replicas(
-            list(self.settings.replicas),
+            urls,
             target.flavor,
             self.settings.timeouts,
             self.settings.max_replica_lag,

@@ -40,12 +40,13 @@ from backfill.urls import parse_url, resolve_url
 from backfill.walk import Settings
 
 config = context.config
-X_KEYS = ("database-url", *TUNABLES)
+X_KEYS = ("database-url", "replica-url", *TUNABLES)
 
 
 def _x_arguments() -> tuple[str | None, Settings]:
-    """``-x database-url=URL`` and the tunables; an unknown key (``database_url``, a typo) is refused."""
-    url, values = None, {}
+    """``-x database-url=URL``, ``-x replica-url=URL`` (repeatable) and the tunables; an unknown key
+    (``database_url``, a typo) is refused rather than ignored."""
+    url, replicas, values = None, [], {}
     for raw in context.get_x_argument(as_dictionary=False):
         key, sep, value = raw.partition("=")
         if not sep or key not in X_KEYS:
@@ -54,12 +55,14 @@ def _x_arguments() -> tuple[str | None, Settings]:
             )
         if key == "database-url":
             url = value
-            continue
-        try:
-            values[key] = TUNABLES[key].convert(value, None, None)
-        except click.BadParameter as exc:
-            raise BackfillError(f"-x {key}: {exc.message}", ExitCode.USAGE) from None
-    return url, settings_from(values)
+        elif key == "replica-url":
+            replicas.append(value)
+        else:
+            try:
+                values[key] = TUNABLES[key].convert(value, None, None)
+            except click.BadParameter as exc:
+                raise BackfillError(f"-x {key}: {exc.message}", ExitCode.USAGE) from None
+    return url, settings_from(values, tuple(replicas))
 
 
 def run_migrations_offline() -> None:
