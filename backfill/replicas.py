@@ -14,7 +14,8 @@ of the oldest noted position it has not replayed yet.
   ``pg_last_wal_replay_lsn()``. No privilege needed.
 * Oracle MySQL: the primary's ``@@GLOBAL.gtid_executed`` after the batch, against the replica's
   ``GTID_SUBSET(position, @@GLOBAL.gtid_executed)`` (GTID replication, ``gtid_mode=ON``).
-* MariaDB: the batch's own GTID (``@@last_gtid``), against ``MASTER_GTID_WAIT(gtid, 0)`` on the replica.
+* MariaDB: the primary's ``@@GLOBAL.gtid_binlog_pos`` after the batch, against ``MASTER_GTID_WAIT(pos, 0)``
+  on the replica.
 
 A replica that cannot be reached, or whose replication is stopped, lags ever more: it holds the work, and
 past ``--replica-timeout`` the work stops resumably (exit 7) with a one-line reason.
@@ -56,7 +57,7 @@ def position_sql(flavor: str) -> str:
     return {
         "postgresql": "SELECT CAST(pg_current_wal_insert_lsn() AS TEXT)",
         "mysql": "SELECT @@GLOBAL.gtid_executed",
-        "mariadb": "SELECT @@last_gtid",
+        "mariadb": "SELECT @@GLOBAL.gtid_binlog_pos",
     }[flavor]
 
 
