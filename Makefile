@@ -10,6 +10,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers; every test of one backend runs on the same worker (see tests/conftest.py).
+PYTEST_WORKERS ?= 2
 UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' requirements/uv.txt)
 UV_DIR := .cache/uv-$(UV_VERSION)
 UV ?= $(UV_DIR)/bin/uv
@@ -20,7 +22,7 @@ BASE_IMAGE ?=
 export DATABASE_URL MLFLOW_BACKEND_STORE_URI MLFLOW_TRACKING_URI MLFLOW_READ_REPLICA_BACKEND_STORE_URI BASE_IMAGE UV \
 	MGB_TEST_BACKENDS MGB_TEST_POSTGRESQL_URL MGB_TEST_POSTGRESQL_18_URL MGB_TEST_MYSQL_URL MGB_TEST_MARIADB_URL \
 	MGB_TEST_MARIADB_11_URL MGB_POSTGRES_IMAGE MGB_POSTGRES_18_IMAGE MGB_MYSQL_IMAGE MGB_MARIADB_IMAGE \
-	MGB_MARIADB_11_IMAGE MGB_ROOTFS_CACHE
+	MGB_MARIADB_11_IMAGE MGB_ROOTFS_CACHE MGB_MLFLOW_VENVS MGB_MIGRATION_CHECK_URL MGB_MIGRATION_CHECK_PARALLEL
 # uv never downloads a Python: the venv uses $(PYTHON).
 export UV_PYTHON_DOWNLOADS := never
 # Python's own byte-code cache, as it works by default. uv (unlike pip) does not compile at install time,
@@ -30,7 +32,7 @@ export UV_PYTHON_DOWNLOADS := never
 unexport PYTHONDONTWRITEBYTECODE
 export PYTHON
 
-.PHONY: backfill migrate demo test migration-check lint lock lock-upgrade image screenshots bench bench-quick clean
+.PHONY: backfill migrate demo test migration-check mlflow-venvs lint lock lock-upgrade image screenshots bench bench-quick clean
 
 # uv itself, from PyPI with the system pip, exactly the version and hashes of requirements/uv.txt.
 $(UV_DIR)/bin/uv: requirements/uv.txt
@@ -62,23 +64,26 @@ migrate: $(BIN)/.runtime  ## alembic upgrade head on the resolved database
 	$(BIN)/alembic upgrade head
 
 demo: $(BIN)/.test  ## real MLflow writes mlflow.db with gateway experiments; status, run, verify
-	$(BIN)/python -m tests.demo mlflow.db
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m tests.demo mlflow.db
 	$(BIN)/mlflow-gateway-backfill status --database-url sqlite:///mlflow.db
 	$(BIN)/mlflow-gateway-backfill run --database-url sqlite:///mlflow.db
 	$(BIN)/mlflow-gateway-backfill verify --database-url sqlite:///mlflow.db
-	$(BIN)/python -m tests.demo mlflow.db --show-list
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m tests.demo mlflow.db --show-list
 
 # The tool's image is part of the suite (tests/test_image.py, tests/test_deploy.py): built here, up front,
 # so its log shows; the tests' own `make image` is then a no-op.
-test: $(BIN)/.test  ## the full suite on sqlite, postgresql and mysql (starts Docker, builds the images if needed)
+test: $(BIN)/.test  ## the full suite on every backend (starts Docker, builds the images if needed)
 	scripts/provision-tests.sh
 	$(MAKE) --no-print-directory image
 	scripts/ensure-compose.sh
-	$(BIN)/pytest -m "not migration_check" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not migration_check" -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
-migration-check: $(BIN)/.test  ## the CI migration check on every backend
+migration-check: $(BIN)/.test  ## the CI migration check: MLflow 2.22.5 to 3.17.2 on every backend
 	scripts/provision-tests.sh
-	$(BIN)/pytest -m migration_check $(PYTEST_ARGS)
+	$(BIN)/pytest -m migration_check -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+mlflow-venvs: $(BIN)/.test  ## build (or reuse) the migration check's per-release MLflow venvs
+	$(BIN)/python -m tests.mlflow_versions
 
 lint: $(BIN)/.test  ## ruff, shell scripts' syntax, and the locks up to date with pyproject.toml
 	$(BIN)/ruff check .

@@ -475,7 +475,24 @@ def drop_mysql_database(container: MySqlContainer, name: str) -> None:
     _execute_autocommit(_url_for(container, container.dbname), f"DROP DATABASE IF EXISTS `{name}`")
 
 
-def run_sql_in_container(container: DbContainer, dialect: str, database: str, sql_text: str) -> None:
+@dataclass
+class SharedContainer:
+    """A server container another pytest process started (the controller of ``pytest -n``), as the tests use
+    one: its Docker container (pause, restart, exec) and the superuser's name and password."""
+
+    container_id: str
+    username: str
+    password: str
+
+    @property
+    def root_password(self) -> str:
+        return self.password
+
+    def get_wrapped_container(self):  # type: ignore[no-untyped-def]
+        return docker.from_env().containers.get(self.container_id)
+
+
+def run_sql_in_container(container: DbContainer | SharedContainer, dialect: str, database: str, sql_text: str) -> None:
     """Run the SQL script ``sql_text`` on ``database`` with the server's own client.
 
     ``dialect`` is ``"postgresql"`` (runs ``psql``, stopping at the first error) or
@@ -491,11 +508,11 @@ def run_sql_in_container(container: DbContainer, dialect: str, database: str, sq
     if wrapped is None:
         raise RuntimeError("the container has not been started")
     family = SERVER_BACKENDS[dialect].family if dialect in SERVER_BACKENDS else dialect
-    if family.startswith("postgres") and isinstance(container, PostgresContainer):
+    if family.startswith("postgres") and isinstance(container, PostgresContainer | SharedContainer):
         env = f"PGPASSWORD={container.password}"
         client = ["psql", "--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1"]
         client += [f"--username={container.username}", f"--dbname={database}"]
-    elif family in ("mysql", "mariadb") and isinstance(container, MySqlContainer):
+    elif family in ("mysql", "mariadb") and isinstance(container, MySqlContainer | SharedContainer):
         # MYSQL_PWD keeps the password off the command line; the official mysql images
         # have no `mariadb` command, hence the fallback to `mysql`.
         env = f"MYSQL_PWD={container.root_password}"

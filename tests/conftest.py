@@ -59,7 +59,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         only = metafunc.definition.get_closest_marker("backends")
         if only:
             backends = [b for b in backends if b in only.args or DIALECTS[b] in only.args]
-        metafunc.parametrize("backend", backends, ids=backends, scope="session")
+        # Each test carries its backend as its pytest-xdist group (--dist loadgroup): one worker per server.
+        params = [pytest.param(b, id=b, marks=pytest.mark.xdist_group(b)) for b in backends]
+        metafunc.parametrize("backend", params, scope="session")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -69,7 +71,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Start every selected server at once (they take seconds each), before the header names them."""
+    """Start every selected server at once (they take seconds each), before the header names them.
+
+    Under ``pytest -n N`` (pytest-xdist) this process only starts them, and hands each server to the workers
+    through the environment (``MGB_TEST_<ID>_URL`` and ``..._CONTAINER``); every test of one backend runs on
+    the same worker (``--dist loadgroup``, see :func:`pytest_generate_tests`), so no server is used by
+    two workers at once and the fault tests (pause, restart) disturb no other test.
+    """
     if session.config.option.collectonly or hasattr(session.config, "workerinput"):
         return
     tmp = Path(session.config._tmp_path_factory.mktemp("servers"))  # type: ignore[attr-defined]
@@ -80,6 +88,30 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                 _servers[backend] = future.result()
             except Exception as exc:  # noqa: BLE001 - reported as a failure of every test that needs it
                 _failed[backend] = f"backend {backend!r} requested but unavailable: {exc}"
+    if getattr(session.config.option, "numprocesses", None):
+        for backend, srv in _servers.items():
+            if srv.admin_url and srv.container is not None:
+                os.environ[_env(backend, "URL")] = srv.admin_url
+                os.environ[_env(backend, "CONTAINER")] = srv.container.get_wrapped_container().id
+
+
+def _env(backend: str, what: str) -> str:
+    return f"MGB_TEST_{backend.upper().replace('-', '_')}_{what}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop the empty parameter sets of tests limited to backends that were not selected (they are not tests
+    of this run, not skipped ones)."""
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("skip")
+        if marker and str(marker.kwargs.get("reason", "")).startswith("got empty parameter set"):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -253,9 +285,19 @@ def _start_server(backend: str, tmp: Path) -> Server:
         return Server(backend, tmp, version=f"SQLite {sqlite3.sqlite_version}")
     from backfill.urls import parse_url
 
-    env_url = os.environ.get(f"MGB_TEST_{backend.upper().replace('-', '_')}_URL")
+    env_url = os.environ.get(_env(backend, "URL"))
     if env_url:
-        server = Server(backend, tmp, admin_url=parse_url(env_url).render_as_string(hide_password=False))
+        admin = parse_url(env_url)
+        if DIALECTS[backend] == "postgresql":
+            admin = admin.set(database="postgres")
+        container = None
+        if os.environ.get(_env(backend, "CONTAINER")):  # started by the controlling pytest process
+            from tests.backends import SharedContainer
+
+            container = SharedContainer(
+                os.environ[_env(backend, "CONTAINER")], admin.username or "", admin.password or ""
+            )
+        server = Server(backend, tmp, admin_url=admin.render_as_string(hide_password=False), container=container)
     else:
         from tests import backends
 
@@ -300,11 +342,13 @@ def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.backends import SharedContainer
+
     for srv in _servers.values():
         try:
             srv.drop_all()
         finally:
-            if srv.container is not None:
+            if srv.container is not None and not isinstance(srv.container, SharedContainer):
                 srv.container.stop()
 
 
