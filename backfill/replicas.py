@@ -148,7 +148,10 @@ class Replicas:
                 raise
             return self._unreachable(replica, now, exc)
         except SQLAlchemyError as exc:
-            return self._unreachable(replica, now, describe(exc, replica.engine.url))
+            error = describe(exc, replica.engine.url)
+            if error.code == ExitCode.PERMISSION:  # never taken for a lag of 0, nor waited on
+                raise BackfillError(f"cannot measure the lag of replica {replica.shown}: {error}", error.code) from None
+            return self._unreachable(replica, now, error)
         seconds = now - replica.pending[0][1] if replica.pending else 0.0
         return Lag(replica.shown, seconds, len(replica.pending))
 
