@@ -28,7 +28,7 @@ from backfill.replicas import Replicas
 from backfill.retry import limits, with_retries
 from backfill.schema import Target, inspect_target, ledger, metadata
 from backfill.urls import parse_url
-from backfill.walk import NoProgress, Progress, Report, RevertReport, RevertWalk, Settings, binds, stopped
+from backfill.walk import Progress, Report, RevertReport, RevertWalk, Settings, binds, stopped
 
 
 @dataclass
@@ -157,17 +157,11 @@ class Backfill:
         that resumes, for the message of a stop."""
         from backfill.walk import Walk
 
-        try:
+        with _before_writing(should_stop, f"nothing was written: {again} again to start"):
             self._retried(conn, lambda: self._probe(conn, target.sql.begin_write, target.sql.probe_run))
             target = self._retried(conn, lambda: self._ensure_tables(conn, target))
-        except BaseException as exc:
-            error = stopped(exc, should_stop)
-            if error is not None and error.code == ExitCode.STOPPED:
-                raise BackfillError(f"{error}; nothing was written: {again} again to start", error.code) from None
-            raise
         with self._replicas(target) as replicas:
-            walk = Walk(conn, target, lock, self.settings, progress or NoProgress(), should_stop, again, replicas)
-            return walk.run()
+            return Walk(conn, target, lock, self.settings, should_stop, again, replicas, progress).run()
 
     @contextmanager
     def _replicas(self, target: Target, urls: list[str] | None = None) -> Iterator[Replicas | None]:
@@ -230,13 +224,8 @@ class Backfill:
         """`revert` on a connection that holds the lock. Needs only the ledger (not the runs table)."""
         if not target.has_ledger:
             return RevertReport(0, 0, 0.0)
-        try:
+        with _before_writing(should_stop, f"nothing was removed: {again} again to start"):
             self._retried(conn, lambda: self._probe(conn, target.sql.begin_write, target.sql.probe_revert))
-        except BaseException as exc:
-            error = stopped(exc, should_stop)
-            if error is not None and error.code == ExitCode.STOPPED:
-                raise BackfillError(f"{error}; nothing was removed: {again} again to start", error.code) from None
-            raise
         with self._replicas(target) as replicas:
             return RevertWalk(conn, target, lock, self.settings, should_stop, again, replicas).run()
 
@@ -245,3 +234,15 @@ class Backfill:
         if not target.has_ledger:
             return 0
         return int(target.tables(conn).execute(sa.select(sa.func.count()).select_from(ledger)).scalar_one())
+
+
+@contextmanager
+def _before_writing(should_stop: Callable[[], bool], how_to_go_on: str) -> Iterator[None]:
+    """A stop before the first write says that nothing was written, and how to start again."""
+    try:
+        yield
+    except BaseException as exc:
+        error = stopped(exc, should_stop)
+        if error is not None and error.code == ExitCode.STOPPED:
+            raise BackfillError(f"{error}; {how_to_go_on}", error.code) from None
+        raise

@@ -120,8 +120,9 @@ def after(last: int) -> int | None:
     return last + 1 if last < INT64_MAX else None
 
 
-class Walk:
-    """One invocation of `run` on a connection that holds the single-runner lock."""
+class _Walk:
+    """What both walks share: a connection that holds the single-runner lock, the settings, the stop
+    request, the command that resumes (for messages), the read replicas and progress."""
 
     def __init__(
         self,
@@ -129,28 +130,50 @@ class Walk:
         target: Target,
         lock: RunnerLock,
         settings: Settings,
-        progress: Progress,
         should_stop: Callable[[], bool],
-        again: str = "`run`",
+        again: str,
         replicas: Replicas | None = None,
+        progress: Progress | None = None,
     ) -> None:
-        self.again = again
-        self.replicas = replicas
         self.conn = conn
         self.target = target
         self.sql = target.sql
         self.lock = lock
         self.s = settings
-        self.progress = progress
         self.should_stop = should_stop
-        self.size = settings.batch_size
-        self.batch_seconds: list[float] = []
-        self.run_id: int | None = None
+        self.again = again
+        self.replicas = replicas
+        self.progress = progress or NoProgress()
 
     def _retried(self, step: Callable[[], Any], before_retry: Callable[[], None] | None = None) -> Any:
         return with_retries(
             self.s.timeouts, step, lambda: recover(self.conn), self.conn.engine.url, before_retry=before_retry
         )
+
+    def _stop_if_asked(self) -> None:
+        if self.should_stop():
+            raise BackfillError(getattr(self.should_stop, "reason", "stopped on request"), ExitCode.STOPPED)
+
+    def _hold(self, when: str, everything: bool = False) -> None:
+        """Wait while a replica lags (at the end: until every replica has replayed every batch)."""
+        if self.replicas:
+            limit = 0.0 if everything else self.s.max_replica_lag
+            self.replicas.hold(limit, self.should_stop, self.progress.waiting, when)
+
+    def _note(self) -> None:
+        """After a batch committed: the position every replica must reach."""
+        if self.replicas:
+            self._retried(lambda: self.replicas.note(self.conn))  # type: ignore[union-attr]
+
+
+class Walk(_Walk):
+    """One invocation of `run` on a connection that holds the single-runner lock."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.size = self.s.batch_size
+        self.batch_seconds: list[float] = []
+        self.run_id: int | None = None
 
     def run(self) -> Report:
         started = time.monotonic()
@@ -166,14 +189,12 @@ class Walk:
             if lo is not None:
                 self.progress.start(self._remaining(lo))
             while lo is not None:
-                if self.should_stop():
-                    raise BackfillError(getattr(self.should_stop, "reason", "stopped on request"), ExitCode.STOPPED)
+                self._stop_if_asked()
                 self._hold("before the next batch")
                 t0 = time.monotonic()
                 step = self._retried(lambda lo=lo: self._step(lo), self._shrink)
-                if step is not None and self.replicas:
-                    self._retried(lambda: self.replicas.note(self.conn))  # type: ignore[union-attr]
                 if step is not None:
+                    self._note()
                     hi, scanned, added, elapsed = step
                     inserted += added
                     batches += 1
@@ -226,12 +247,6 @@ class Walk:
             self.replicas.waited if self.replicas else 0.0,
             self.batch_seconds,
         )
-
-    def _hold(self, when: str, everything: bool = False) -> None:
-        """Wait while a replica lags (at the end: until every replica has replayed every batch)."""
-        if self.replicas:
-            limit = 0.0 if everything else self.s.max_replica_lag
-            self.replicas.hold(limit, self.should_stop, self.progress.waiting, when)
 
     def _record_end(self, state: str, message: str | None) -> None:
         assert self.run_id is not None
@@ -306,34 +321,9 @@ class RevertReport:
     seconds: float
 
 
-class RevertWalk:
+class RevertWalk(_Walk):
     """One invocation of `revert`: the ledger's keyset, a batch of its rows at a time, on a connection that
     holds the single-runner lock. Needs only the ledger (the runs table is optional)."""
-
-    def __init__(
-        self,
-        conn: Connection,
-        target: Target,
-        lock: RunnerLock,
-        settings: Settings,
-        should_stop: Callable[[], bool],
-        again: str = "`revert`",
-        replicas: Replicas | None = None,
-    ) -> None:
-        self.conn = conn
-        self.target = target
-        self.lock = lock
-        self.s = settings
-        self.should_stop = should_stop
-        self.again = again
-        self.replicas = replicas
-
-    def _retried(self, step: Callable[[], Any]) -> Any:
-        return with_retries(self.s.timeouts, step, lambda: recover(self.conn), self.conn.engine.url)
-
-    def _hold(self, limit: float, when: str) -> None:
-        if self.replicas:
-            self.replicas.hold(limit, self.should_stop, lambda lag: None, when)
 
     def run(self) -> RevertReport:
         started = time.monotonic()
@@ -345,21 +335,19 @@ class RevertWalk:
             if target.has_runs:
                 claim = self._retried(lambda: record.claim(conn, target, "reverting"))
             while lo is not None:
-                if self.should_stop():
-                    raise BackfillError(getattr(self.should_stop, "reason", "stopped on request"), ExitCode.STOPPED)
-                self._hold(self.s.max_replica_lag, "before the next batch")
+                self._stop_if_asked()
+                self._hold("before the next batch")
                 step = self._retried(lambda lo=lo: self._batch(lo))
                 if step is None:
                     break
-                if self.replicas:
-                    self._retried(lambda: self.replicas.note(conn))  # type: ignore[union-attr]
+                self._note()
                 hi, deleted = step
                 removed += deleted
                 batches += 1
                 lo = after(hi)
                 if self.s.sleep:
                     time.sleep(self.s.sleep)
-            self._hold(0.0, "after the last batch")
+            self._hold("after the last batch", everything=True)
             if target.has_runs:
                 self._retried(lambda: record.mark_reverted(conn, target))
         except BaseException as exc:
@@ -379,13 +367,13 @@ class RevertWalk:
 
     def _batch(self, lo: int) -> tuple[int, int] | None:
         """Delete the ledger's rows in the next keyset range; returns (upper end, tags deleted) or None."""
-        conn, sql_ = self.conn, self.target.sql
+        conn = self.conn
         self.lock.ensure()
-        with transaction(conn, sql_.begin_write):
-            hi = conn.execute(sa.text(sql_.revert_bound), {"lo": lo, "n": self.s.batch_size}).scalar()
+        with transaction(conn, self.sql.begin_write):
+            hi = conn.execute(sa.text(self.sql.revert_bound), {"lo": lo, "n": self.s.batch_size}).scalar()
             if hi is None:
                 return None
-            tags, ledger_rows = sql_.revert
+            tags, ledger_rows = self.sql.revert
             deleted = conn.execute(sa.text(tags), binds(lo=lo, hi=int(hi))).rowcount
             conn.execute(sa.text(ledger_rows), binds(lo=lo, hi=int(hi)))
         return int(hi), max(deleted, 0)
