@@ -38,28 +38,8 @@ die() {
 [ -n "$version" ] || die "no __version__ in backfill/__init__.py"
 docker info >/dev/null 2>&1 || die "no Docker engine answers 'docker info': run scripts/ensure-docker.sh first"
 
-# The URIs of the apt source whose Suites include bookworm (deb822 first, then one-line style): the same
-# reading as scripts/build-test-images.sh, so no mirror's name is ever written into the repository.
-debian_mirror() {
-    local m
-    m=$(awk 'FNR == 1 || /^[ \t]*$/ { bad = suite = 0; uri = "" }
-             /^Types:/ && !/[ \t]deb([ \t]|$)/ { bad = 1 }
-             /^Suites:/ && /[ \t]bookworm([ \t]|$)/ { suite = 1 }
-             /^URIs:/ { uri = $2 }
-             !bad && suite && uri != "" { print uri; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-    [ -n "$m" ] || m=$(awk '$1 == "deb" { for (i = 3; i <= NF; i++) if ($i == "bookworm") { print $(i - 1); exit } }' \
-        /etc/apt/sources.list 2>/dev/null || true)
-    [ -n "$m" ] || die "no apt source for bookworm found in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list"
-    echo "$m"
-}
-
-# Unmount whatever a killed debootstrap left mounted under $1, then delete it without crossing file systems.
-remove_tree() {
-    local m
-    awk -v d="$1/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r |
-        while IFS= read -r m; do umount -l "$m"; done
-    rm -rf --one-file-system "$1"
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 # What the Debian base is made of; a change rebuilds it.
 base_recipe() {

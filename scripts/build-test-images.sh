@@ -108,29 +108,8 @@ trim_mariadb() {
 
 # --- Shared build steps ----------------------------------------------------------------------------
 
-# The URI of the machine's apt source for the Debian archive itself: the first deb source whose suites
-# include a plain release name (bookworm, not bookworm-security); deb822 first, then one-line style.
-debian_mirror() {
-    local m
-    m=$(awk 'FNR == 1 || /^[ \t]*$/ { bad = suite = 0; uri = "" }
-             /^Types:/ && !/[ \t]deb([ \t]|$)/ { bad = 1 }
-             /^Suites:/ { for (i = 2; i <= NF; i++) if ($i !~ /[-\/]/) suite = 1 }
-             /^URIs:/ { uri = $2 }
-             !bad && suite && uri != "" { print uri; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-    [ -n "$m" ] || m=$(awk '$1 == "deb" { sub(/\[[^]]*\][ \t]*/, ""); if ($3 !~ /[-\/]/) { print $2; exit } }' \
-        /etc/apt/sources.list 2>/dev/null || true)
-    [ -n "$m" ] || die "no apt source for the Debian archive in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list"
-    echo "$m"
-}
-
-# Unmount whatever a killed debootstrap left mounted under $1 (it bind-mounts /dev in
-# containers), then delete it without ever crossing into another file system.
-remove_tree() {
-    local m
-    awk -v d="$1/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r |
-        while IFS= read -r m; do umount -l "$m"; done
-    rm -rf --one-file-system "$1"
-}
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$self")/lib.sh"
 
 # The packages the root of suite $1 must hold: those of every image built from it.
 suite_packages() {
