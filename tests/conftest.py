@@ -17,8 +17,10 @@ MLflow created once per session) and no data besides MLflow's Default experiment
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -170,11 +172,42 @@ class Server:
         return self.url_for(name)
 
     def new_mlflow_database(self) -> str:
-        """A fresh database with MLflow's schema, copied from the session's template."""
+        """A fresh database with MLflow's schema, copied from the session's template.
+
+        Copies are made ahead, two at a time, by a thread of their own: a copy costs the server its DDL
+        (MySQL has no template databases: some forty CREATE TABLEs), which then overlaps the tests.
+        """
         if self.template is None:
             self.template = f"tmpl_{uuid.uuid4().hex[:8]}"
             mlflow_store(self.new_database(self.template)).engine.dispose()
-        return self.clone(self.template)
+            self._ready: queue.Queue[str | Exception] = queue.Queue(maxsize=2)
+            self._stopping = threading.Event()
+            self._filler = threading.Thread(target=self._fill, name=f"copies-{self.backend}", daemon=True)
+            self._filler.start()
+        made = self._ready.get(timeout=600)
+        if isinstance(made, Exception):
+            raise made
+        return made
+
+    def _fill(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                made: str | Exception = self.clone(self.template or "")
+            except Exception as exc:  # noqa: BLE001 - handed to the test that asks next
+                made = exc
+            while not self._stopping.is_set():
+                try:
+                    self._ready.put(made, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(made, Exception):
+                return
+
+    def stop_copies(self) -> None:
+        if getattr(self, "_filler", None) is not None:
+            self._stopping.set()
+            self._filler.join(timeout=120)
 
     def clone(self, source: str) -> str:
         """A copy of database ``source`` (a name or URL; nobody may be connected to it); returns its URL."""
@@ -310,14 +343,6 @@ def _start_server(backend: str, tmp: Path) -> Server:
     try:
         with engine.connect() as conn:
             server.version = str(conn.execute(sa.text("SELECT version()")).scalar())
-            if FLAVORS[backend] == "mariadb" and conn.execute(sa.text("SELECT @@innodb_snapshot_isolation")).first():
-                # MariaDB 11.6+ turns snapshot isolation on by default, and MLflow 3.10's gateway store then
-                # fails with error 1020 ("Record has changed since last read") as it creates an endpoint, so
-                # the fixtures that make real gateway experiments could not. The tool itself runs at READ
-                # COMMITTED, which the setting does not affect.
-                conn.execute(sa.text("SET GLOBAL innodb_snapshot_isolation = OFF"))
-    except sa.exc.OperationalError:
-        pass  # MariaDB before 11.6 has no such variable
     finally:
         engine.dispose()
     return server
@@ -346,6 +371,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
     for srv in _servers.values():
         try:
+            srv.stop_copies()
             srv.drop_all()
         finally:
             if srv.container is not None and not isinstance(srv.container, SharedContainer):

@@ -28,8 +28,8 @@ from typing import Any
 import click
 import pytest
 import yaml
-from backfill.db import ExitCode
 
+from backfill.errors import ExitCode
 from tests.conftest import REPO
 from tests.mlflow_data import populate
 from tests.test_image import IMAGE, build_image, docker_run

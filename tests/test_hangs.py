@@ -62,7 +62,7 @@ def _trigger(db: Db, postgresql: bytes, mysql: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("command", "pg_trigger", "my_trigger"),
     [
-        (["status"], b"COUNT(e.experiment_id)", b"COUNT(e.experiment_id)"),
+        (["status"], b"COUNT(x.experiment_id)", b"COUNT(x.experiment_id)"),
         (["verify"], b"COUNT(*)", b"COUNT(*)"),
         (["run", "--dry-run"], b"COUNT(*)", b"COUNT(*)"),
         (["run"], b"pg_class", b"SELECT DATABASE()"),  # the schema check

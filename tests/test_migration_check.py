@@ -39,9 +39,9 @@ import pytest
 import sqlalchemy as sa
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from backfill.db import parse_url
 
 from backfill.sql import LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE
+from backfill.urls import parse_url
 from tests.conftest import REPO, alembic, run_cli
 from tests.mlflow_server import UI_QUERY, MlflowServer, mlflow_url
 from tests.mlflow_versions import NEWEST, ensure_all, python_of, release_env
