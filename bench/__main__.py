@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.workdir if args.quick or args.variant else HERE
     suffix = "-quick" if args.quick else (f"-{args.variant}" if args.variant else "")
     output = args.output or out_dir / f"results{suffix}.json"
-    plots = {"sweep": out_dir / f"throughput{suffix}.png", "batches": out_dir / f"batches{suffix}.png"}
+    plots = {
+        kind: output.parent / f"{name}{suffix}.png" for kind, name in (("sweep", "throughput"), ("batches", "batches"))
+    }
     load = LoadSpec(writers=args.load_writers, readers=args.load_readers)
     plan = Plan(
         args.experiments,

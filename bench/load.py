@@ -10,9 +10,10 @@
   filter_string="tags.`mlflow.experiment.isGateway` IS NULL")`` (captured from its SQLAlchemy store:
   the page, then the page's tags through the same subquery), in one transaction.
 
-Each client is a thread with its own connection, paced to a fixed rate (an operation that falls behind
-starts the next one at once, without a burst to catch up). Latencies are kept per window
-(:meth:`Load.window`), so the load alone and the load during a backfill can be compared side by side.
+Each client is a thread with its own connection, paced to a fixed rate, the clients of a kind evenly
+staggered (an operation that falls behind starts the next one at once, without a burst to catch up).
+Latencies are kept per window (:meth:`Load.window`), so the load alone and the load during a backfill
+can be compared side by side.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class LoadSpec:
     writers: int = 2
     creates_per_second: float = 5.0  # per writer
     readers: int = 2
-    lists_per_second: float = 0.5  # per reader
+    lists_per_second: float = 0.25  # per reader
 
     def describe(self) -> str:
         return (
@@ -89,7 +90,12 @@ class Load:
             ("create", self.spec.creates_per_second, self._create)
         ] * self.spec.writers + [("list", self.spec.lists_per_second, self._list)] * self.spec.readers
         for i, (kind, rate, op) in enumerate(clients):
-            thread = threading.Thread(target=self._client, args=(kind, rate, op), name=f"load-{kind}-{i}", daemon=True)
+            # Clients of a kind take turns: reader i of 2 starts half an interval after reader 0.
+            same = [c for c in clients if c[0] == kind]
+            offset = (i - clients.index(same[0])) / (len(same) * rate)
+            thread = threading.Thread(
+                target=self._client, args=(kind, rate, op, offset), name=f"load-{kind}-{i}", daemon=True
+            )
             thread.start()
             self.threads.append(thread)
         return self
@@ -100,10 +106,10 @@ class Load:
             thread.join(timeout=60)
         self.engine.dispose()
 
-    def _client(self, kind: str, rate: float, op: Callable[[sa.Connection], None]) -> None:
+    def _client(self, kind: str, rate: float, op: Callable[[sa.Connection], None], offset: float) -> None:
         interval = 1.0 / rate
         with self.engine.connect() as conn:
-            due = time.perf_counter()
+            due = time.perf_counter() + offset
             while not self.done.is_set():
                 wait = due - time.perf_counter()
                 if wait > 0 and self.done.wait(wait):

@@ -125,7 +125,7 @@ def single_statement(url: str, offline_script: bool = False) -> Timed:
             with conn.begin():
                 for statement in statements:
                     result = conn.execute(sa.text(statement), binds)
-                    if statement.upper().startswith("INSERT INTO EXPERIMENT_TAGS"):
+                    if "INSERT INTO EXPERIMENT_TAGS" in statement.upper():  # PostgreSQL: inside a CTE
                         rows = result.rowcount
             return Timed(rows, time.perf_counter() - t0)
     finally:
@@ -185,9 +185,8 @@ class Rounds:
 
 def finished_database(url: str, rounds: int, analyze_first: bool) -> dict[str, float]:
     """On a database the backfill has finished: medians of the no-op rerun (``run``), ``verify``
-    (``Backfill.missing``), ``status`` and the reference counts R0 and R1, interleaved.
-
-    ``analyze_first``: refresh the planner statistics before (R1's yardstick is measured on fresh ones).
+    (``Backfill.missing``) and ``status``, interleaved; with ``analyze_first``, on freshly analyzed
+    statistics and interleaved with the reference counts R0 and R1 (the yardstick is measured on those).
     """
     plain = plain_engine(url)
     tool = create_engine(parse_url(url))
@@ -219,9 +218,9 @@ def finished_database(url: str, rounds: int, analyze_first: bool) -> dict[str, f
                     raise RuntimeError(f"verify found {missing} gateway experiments without isGateway")
                 return missing
 
+            references = {"R0": count(False), "R1": count(True)} if analyze_first else {}
             ops = {
-                "R0": count(False),
-                "R1": count(True),
+                **references,
                 "rerun": rerun,
                 "verify": verify,
                 "status": lambda: Backfill(tool).status(),

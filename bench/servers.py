@@ -154,16 +154,20 @@ class Server:
         seed.analyze(engine)
 
     def _wait_for_purge(self, timeout: float = 60.0) -> None:
-        """InnoDB removes deleted rows in the background: wait until its history list is empty."""
+        """InnoDB removes deleted rows in the background: wait until its purge has been idle for three polls
+        in a row (neither its history list length nor the transaction counters tell: MySQL 9.7 keeps purged
+        undo logs listed, and hands out transaction ids that purge never sees)."""
         engine = sa.create_engine(self.admin_url, poolclass=sa.NullPool)
         deadline = time.monotonic() + timeout
+        idle = 0
         with engine.connect() as conn:
-            while time.monotonic() < deadline:
+            while idle < 3:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.backend}: InnoDB's purge still busy after {timeout:g} s")
+                time.sleep(0.1)
                 status = conn.execute(sa.text("SHOW ENGINE INNODB STATUS")).one()[2]
-                found = re.search(r"History list length (\d+)", status)
-                if found is None or int(found.group(1)) == 0:
-                    return
-                time.sleep(0.2)
+                line = re.search(r"Purge done for trx's.*", status)
+                idle = idle + 1 if line is None or "idle" in line.group(0) else 0
 
     def settle(self, timeout: float = 60.0) -> None:
         """Write out what seeding or resetting left dirty, so the measurement that follows does not share
@@ -192,7 +196,8 @@ class Server:
         elif self.family == "mysql":
             self._admin(f"DROP DATABASE IF EXISTS `{name}`")
         else:
-            (self.workdir / f"{name}.db").unlink(missing_ok=True)
+            for path in self.workdir.glob(f"{name}.db*"):  # its -wal, -journal, the tool's lock file
+                path.unlink(missing_ok=True)
         if name in self.created:
             self.created.remove(name)
         self.shapes.pop(name, None)
@@ -264,10 +269,8 @@ def servers(backends: list[str], workdir: Path) -> Iterator[dict[str, Server]]:
 
 def stop(server: Server) -> None:
     """Drop the server's bench databases, or remove its container with its data (idempotent)."""
-    try:
-        if server.container is None:
-            server.drop_all()
-    finally:
-        if server.container is not None:
-            server.container.stop()
-            server.container = None
+    if server.container is None:
+        server.drop_all()
+    elif server.admin_url is not None:
+        server.admin_url = None  # once: the container goes with its data
+        server.container.stop()
