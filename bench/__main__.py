@@ -60,8 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="development run: 20,000 experiments, repeat 1, rounds 2, a 3-point sweep, client sample 20, "
-        "output under bench/work/",
+        help="development run: 20,000 experiments, repeat 1, rounds 1, no --sql script, a 2-point sweep, "
+        "client sample 10, 1 s of load alone, output under bench/work/",
     )
     p.add_argument("--variant", help="apply a bench.variants prototype to the batched runs (see bench/variants.py)")
     p.add_argument("--output", type=Path, help="results JSON (default bench/results.json; --quick: bench/work/)")
@@ -72,8 +72,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.quick:
-        args.experiments, args.repeat, args.rounds, args.client_sample = 20_000, 1, 2, 20
-        args.sweep_batch_sizes = [250, 1000, 5000]
+        args.experiments, args.repeat, args.rounds, args.client_sample = 20_000, 1, 1, 10
+        args.sweep_batch_sizes, args.no_offline = [500, 5000], True
     out_dir = args.workdir if args.quick or args.variant else HERE
     suffix = "-quick" if args.quick else (f"-{args.variant}" if args.variant else "")
     output = args.output or out_dir / f"results{suffix}.json"
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_batch_sizes=tuple(args.sweep_batch_sizes),
         client_sample=args.client_sample,
         load=load if load.writers or load.readers else None,
-        load_alone_seconds=2.0 if args.quick else 5.0,
+        load_alone_seconds=1.0 if args.quick else 5.0,
         variant=args.variant,
     )
     plan.log = lambda line: print(line, file=sys.stderr, flush=True)
