@@ -100,6 +100,17 @@ def warm(url: str) -> None:
         engine.dispose()
 
 
+class RunFailed(RuntimeError):
+    """The child `run` exited with an error: its exit code and its last line on stderr (the tool's message)."""
+
+    def __init__(self, code: int, stderr: str) -> None:
+        self.code = code
+        self.message = next(
+            (line for line in reversed(stderr.splitlines()) if line.startswith("Error:")), stderr[-500:]
+        )
+        super().__init__(f"backfill run failed ({code}): {stderr[-2000:]}")
+
+
 @dataclass
 class Timed:
     rows: int
@@ -145,7 +156,7 @@ def backfill_subprocess(url: str, *options: str, variant: str | None = None) -> 
     child = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, check=False)
     wall = time.perf_counter() - t0
     if child.returncode != 0:
-        raise RuntimeError(f"backfill run failed ({child.returncode}): {child.stderr[-2000:]}")
+        raise RunFailed(child.returncode, child.stderr)
     report = json.loads(child.stdout.strip().splitlines()[-1])
     lines = child.stderr.splitlines()
     rss_kb = next(int(line.split()[1]) for line in lines if line.startswith(RSS_PREFIX))
