@@ -157,8 +157,10 @@ def table(backends: dict[str, Any], markdown: bool = False) -> str:
                 label.ljust(width) + "  " + "  ".join(v.rjust(c) for v, c in zip(values, cols, strict=True))
                 for label, values in rows
             ]
+        out += [""] if markdown else []
         for name, s in zip(names, per_backend, strict=True):
-            out += [f"  {name} {shape}: goal not met: {goal}" for goal, ok in s["goals"].items() if not ok]
+            bullet = "-" if markdown else " "
+            out += [f"{bullet} {name} {shape}: goal not met: {goal}" for goal, ok in s["goals"].items() if not ok]
         out.append("")
     return "\n".join(out)
 
@@ -233,3 +235,17 @@ def plot_batches(path: Path, backends: dict[str, Any], experiments: int) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.report [RESULTS.json]``: the tables of a results file, as Markdown (the README's)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument("results", type=Path, nargs="?", default=Path(__file__).parent / "results.json")
+    args = parser.parse_args(argv)
+    print(table(json.loads(args.results.read_text())["backends"], markdown=True))
+
+
+if __name__ == "__main__":
+    main()
