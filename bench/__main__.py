@@ -1,8 +1,8 @@
-"""``python -m bench``: the backfill against the single-statement floor and MLflow's client loop.
+"""``python -m bench``: the backfill against the single-statement floor, on the data users really have.
 
-Starts the PostgreSQL / MariaDB containers (tests/backends.py), seeds MLflow-schema databases with
-set-based SQL, measures every figure side by side on identical fresh copies, prints a table and writes
-JSON plus a throughput plot. Containers are stopped and bench databases dropped on the way out.
+Starts the server containers (tests/backends.py), seeds MLflow-schema databases of two shapes with
+set-based SQL, measures every figure side by side on databases in the seeded state, prints a table and
+writes JSON plus two plots. Containers are removed and bench databases dropped on the way out.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 from bench import report
-from bench.servers import BACKENDS, servers
-from bench.suite import Plan, bench_size
+from bench.load import LoadSpec
+from bench.servers import BACKENDS, servers, stop
+from bench.suite import Plan, bench_backend
 
 HERE = Path(__file__).resolve().parent
-SWEEP = "250,500,1000,2000,5000,10000,20000,50000"
+SWEEP = "250,500,1000,2000,5000,10000,20000"
 
 
 def _ints(text: str) -> list[int]:
@@ -36,66 +37,86 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description=(
-            "Benchmark the backfill on SQLite, PostgreSQL and MariaDB: the batched run at default settings (a) "
-            "against one INSERT ... SELECT (b) and the offline --sql script (b'), against MLflow's client loop "
-            "on a sample, extrapolated (c); the no-op rerun (d) and verify (e) against one anti-join count; "
-            "peak RSS and batch times; a fixed-batch-size sweep. Prints a table, writes JSON and a PNG plot."
+            "Benchmark the backfill on every backend and on two shapes of data (3.10.0: no isGateway row; "
+            "mixed: the newer half tagged): the batched run at its defaults (a) against one INSERT ... SELECT "
+            "(b) and the --sql script (b'); the no-op rerun (d), verify (e) and status against one anti-join "
+            "count (R1, and the old R0); the run beside an MLflow-like load; peak RSS and every batch's "
+            "seconds; a fixed-batch-size sweep; MLflow's client loop on a sample, extrapolated (c). Prints a "
+            "table, writes JSON and two PNG plots."
         ),
-        epilog="Headline ratios are taken at the largest size; `make bench` runs the defaults (about 12 min "
-        "on 2 cores), `make bench-quick` runs --quick (about 2 min). Timings are noisy: compare ratios.",
+        epilog="`make bench` runs the defaults (about 20 min on 2 cores), `make bench-quick` runs --quick "
+        "(about 2 min). Timings are noisy: compare the ratios, measured side by side.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--backends", type=_backends, default=",".join(BACKENDS), help="comma-separated subset of backends")
-    p.add_argument("--sizes", type=_ints, default="100000,1000000", help="experiments per database, comma-separated")
-    p.add_argument(
-        "--sweep-size", type=int, default=1_000_000, help="experiments for the fixed-batch-size sweep (0: none)"
-    )
-    p.add_argument(
-        "--sweep-batch-sizes", type=_ints, default=SWEEP, help="fixed batch sizes of the sweep, comma-separated"
-    )
-    p.add_argument("--client-sample", type=int, default=300, help="experiments the MLflow client loop tags (0: skip)")
-    p.add_argument("--repeat", type=int, default=2, help="back-to-back (single statement, batched run) pairs per size")
+    p.add_argument("--experiments", type=int, default=1_000_000, help="experiments per database")
+    p.add_argument("--repeat", type=int, default=2, help="side-by-side (a)/(b) pairs per shape")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (d), (e), R0, R1 per state")
+    p.add_argument("--no-offline", action="store_true", help="skip the --sql script's statements (b')")
+    p.add_argument("--sweep-batch-sizes", type=_ints, default=SWEEP, help="fixed batch sizes of the sweep ('': none)")
+    p.add_argument("--client-sample", type=int, default=100, help="experiments the MLflow client loop tags (0: skip)")
+    p.add_argument("--load-writers", type=int, default=LoadSpec.writers, help="load: experiment creators")
+    p.add_argument("--load-readers", type=int, default=LoadSpec.readers, help="load: UI list readers (0 and 0: none)")
     p.add_argument(
         "--quick",
         action="store_true",
-        help="development run: sizes 2000,10000, sweep at 10000, client sample 100, repeat 1, output under bench/work/",
+        help="development run: 20,000 experiments, repeat 1, rounds 1, no --sql script, a 2-point sweep, "
+        "client sample 10, 1 s of load alone, output under bench/work/",
     )
     p.add_argument("--variant", help="apply a bench.variants prototype to the batched runs (see bench/variants.py)")
     p.add_argument("--output", type=Path, help="results JSON (default bench/results.json; --quick: bench/work/)")
-    p.add_argument("--plot", type=Path, help="throughput plot PNG (default bench/throughput.png; --quick: bench/work/)")
-    p.add_argument("--workdir", type=Path, default=HERE / "work", help="where SQLite databases are made")
+    p.add_argument("--workdir", type=Path, default=HERE / "work", help="where SQLite databases and --quick output go")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.quick:
-        args.sizes, args.sweep_size, args.client_sample, args.repeat = [2_000, 10_000], 10_000, 100, 1
+        args.experiments, args.repeat, args.rounds, args.client_sample = 20_000, 1, 1, 10
+        args.sweep_batch_sizes, args.no_offline = [500, 5000], True
     out_dir = args.workdir if args.quick or args.variant else HERE
     suffix = "-quick" if args.quick else (f"-{args.variant}" if args.variant else "")
     output = args.output or out_dir / f"results{suffix}.json"
-    plot = args.plot or out_dir / f"throughput{suffix}.png"
-    sizes = sorted(set(args.sizes) | ({args.sweep_size} if args.sweep_size else set()))
-    plan = Plan(sizes, args.sweep_size or None, args.sweep_batch_sizes, args.client_sample, args.repeat, args.variant)
+    plots = {
+        kind: output.parent / f"{name}{suffix}.png" for kind, name in (("sweep", "throughput"), ("batches", "batches"))
+    }
+    load = LoadSpec(writers=args.load_writers, readers=args.load_readers)
+    plan = Plan(
+        args.experiments,
+        repeat=args.repeat,
+        rounds=args.rounds,
+        offline=not args.no_offline,
+        sweep_batch_sizes=tuple(args.sweep_batch_sizes),
+        client_sample=args.client_sample,
+        load=load if load.writers or load.readers else None,
+        load_alone_seconds=1.0 if args.quick else 5.0,
+        variant=args.variant,
+    )
     plan.log = lambda line: print(line, file=sys.stderr, flush=True)
     started = time.monotonic()
     results, versions = {}, {}
     with servers(args.backends, args.workdir) as started_servers:
+        plan.phases["servers started"] = time.monotonic() - started
+        plan.log(f"servers started in {plan.phases['servers started']:.0f}s")
         for name, server in started_servers.items():
             versions[name] = server.describe()
-            by_size = {n: bench_size(server, n, plan) for n in sizes}
-            results[name] = report.summarize(name, versions[name], by_size, args.client_sample)
+            shapes = bench_backend(server, plan)
+            stop(server)
+            results[name] = report.summarize(versions[name], shapes, plan)
+            plan.log(f"[{name}] done at {(time.monotonic() - started) / 60:.1f} min")
     elapsed = time.monotonic() - started
     extra = {
         "machine": report.machine(versions),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "load": plan.load.describe() if plan.load else None,
         "elapsed_seconds": round(elapsed, 1),
         "phase_seconds": {k: round(v, 1) for k, v in plan.phases.items()},
     }
     report.write_json(output, results, extra)
-    report.plot(plot, results)
+    report.plot_sweep(plots["sweep"], results, args.experiments)
+    report.plot_batches(plots["batches"], results, args.experiments)
     print(report.table(results))
-    print(f"\n{output} and {plot} written; {elapsed / 60:.1f} min")
+    print(f"\n{output}, {plots['sweep']} and {plots['batches']} written; {elapsed / 60:.1f} min")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What the benchmark hands back: per-backend headline ratios and goals, a terminal table, JSON and a plot."""
+"""What the benchmark hands back: per backend and shape the ratios and goals, a terminal table, JSON, plots."""
 
 from __future__ import annotations
 
@@ -13,47 +13,39 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bench.suite import Plan
+
 # The issue's goals (benchmark goals, not test assertions).
 GOAL_RATIO = 0.8  # batched throughput / single-statement throughput, at default settings
-GOAL_MAX_BATCH = 0.25  # seconds, the longest batch transaction
-GOAL_RSS_MB = 100.0  # peak RSS at the largest size
-GOAL_RSS_FLAT = 1.10  # largest-size RSS at most 10% above smallest-size RSS
-GOAL_RERUN = 2.0  # no-op rerun / one anti-join count
+GOAL_MAX_BATCH = 0.25  # seconds, the longest batch transaction, with and without the load
+GOAL_RSS_MB = 100.0  # peak RSS of `run`
+GOAL_RSS_FLAT = 1.05  # RSS after the last batch at most 5% above RSS after the first
+GOAL_YARDSTICK = 2.0  # no-op rerun and verify / R1
 
 
-def summarize(backend: str, server: str, by_size: dict[int, dict[str, Any]], client_sample: int) -> dict[str, Any]:
-    """The headline figures of one backend: ratios at the largest size, RSS at every size, goals."""
-    sizes = sorted(by_size)
-    top = by_size[sizes[-1]]
-    rss = {str(n): by_size[n]["run"]["peak_rss_mb"] for n in sizes}
-    sweep = next((by_size[n]["sweep"] for n in sizes if by_size[n]["sweep"]), None)
-    run = top["run"]
-    summary = {
-        "server": server,
-        "sizes": {"experiments": sizes, "client_sample": client_sample, "headline_at": sizes[-1]},
-        "batched_vs_single_statement": top["batched_vs_single_statement"],
-        "batched_vs_offline_sql": top["batched_vs_offline_sql"],
-        "speedup_vs_mlflow_client": top["speedup_vs_mlflow_client"],
-        "speedup_vs_mlflow_client_is_extrapolated": True,
-        "rerun_seconds_vs_single_statement": top["rerun_seconds_vs_single_statement"],
-        "verify_seconds_vs_single_statement": top["verify_seconds_vs_single_statement"],
-        "peak_rss_mb": rss,
-        "max_batch_seconds": run["batch_seconds_max"],
-        "batch_seconds": {k: run[f"batch_seconds_{k}"] for k in ("p50", "p99", "max")},
-        "batches": run["batches"],
-        "by_size": {str(n): {k: v for k, v in by_size[n].items() if k != "sweep"} for n in sizes},
-        "sweep": {"experiments": next((n for n in sizes if by_size[n]["sweep"]), None), "points": sweep},
+def goals(shape: dict[str, Any]) -> dict[str, bool]:
+    run = shape["run"]
+    met = {
+        f"batched_vs_single_statement >= {GOAL_RATIO}": shape["batched_vs_single_statement"] >= GOAL_RATIO,
+        f"max batch seconds < {GOAL_MAX_BATCH}": run["batch_seconds_max"] < GOAL_MAX_BATCH,
+        f"peak RSS < {GOAL_RSS_MB:g} MB": run["peak_rss_mb"] < GOAL_RSS_MB,
+        f"RSS flat through the run (last batch <= first batch +{GOAL_RSS_FLAT - 1:.0%})": run["rss_mb_after_last_batch"]
+        <= run["rss_mb_after_first_batch"] * GOAL_RSS_FLAT,
+        f"rerun <= {GOAL_YARDSTICK:g}x R1": shape["rerun_vs_R1"] <= GOAL_YARDSTICK,
+        f"verify <= {GOAL_YARDSTICK:g}x R1": shape["verify_vs_R1"] <= GOAL_YARDSTICK,
     }
-    smallest, largest = rss[str(sizes[0])], rss[str(sizes[-1])]
-    summary["goals"] = {
-        f"batched_vs_single_statement >= {GOAL_RATIO}": summary["batched_vs_single_statement"] >= GOAL_RATIO,
-        f"max_batch_seconds < {GOAL_MAX_BATCH}": (run["batch_seconds_max"] or 0) < GOAL_MAX_BATCH,
-        f"peak_rss_mb < {GOAL_RSS_MB:g} at {sizes[-1]}": largest < GOAL_RSS_MB,
-        f"peak_rss flat from {sizes[0]} to {sizes[-1]} (<= +{GOAL_RSS_FLAT - 1:.0%})": largest
-        <= smallest * GOAL_RSS_FLAT,
-        f"rerun <= {GOAL_RERUN:g}x one anti-join count": summary["rerun_seconds_vs_single_statement"] <= GOAL_RERUN,
-    }
-    return summary
+    if "under_load" in shape:
+        met[f"max batch seconds under load < {GOAL_MAX_BATCH}"] = (
+            shape["under_load"]["run"]["batch_seconds_max"] < GOAL_MAX_BATCH
+        )
+    return met
+
+
+def summarize(server: str, shapes: dict[str, dict[str, Any]], plan: Plan) -> dict[str, Any]:
+    """One backend: its shapes' figures, each with its goals."""
+    for shape in shapes.values():
+        shape["goals"] = goals(shape)
+    return {"server": server, "experiments": plan.experiments, "shapes": shapes}
 
 
 def machine(servers: dict[str, str]) -> dict[str, Any]:
@@ -75,6 +67,7 @@ def machine(servers: dict[str, str]) -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gb": round(memory / 2**30, 1),
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "servers": servers,
@@ -85,84 +78,174 @@ def machine(servers: dict[str, str]) -> dict[str, Any]:
 def write_json(path: Path, backends: dict[str, Any], extra: dict[str, Any]) -> None:
     data = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra, "backends": backends}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:.{digits}f}"
+    return f"{value:,.{digits}f}"
 
 
-def table(backends: dict[str, Any]) -> str:
-    """The headline ratios, one column per backend."""
+def _rows(shapes: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """The table's rows for one shape, one value per backend."""
+
+    def each(get: Any) -> list[str]:
+        values = []
+        for s in shapes:
+            try:
+                values.append(get(s))
+            except KeyError:
+                values.append("-")
+        return values
+
+    def triple(d: dict[str, Any]) -> str:
+        return " / ".join(_fmt(d[f"batch_seconds_{k}"], 3) for k in ("p50", "p99", "max"))
+
+    def latency(s: dict[str, Any], kind: str) -> str:
+        load = s["under_load"]
+        return f"{_fmt(load['load_alone'][kind]['p99'], 3)} / {_fmt(load['load_during_run'][kind]['p99'], 3)}"
+
+    def ratio(key: str, digits: int = 2, suffix: str = "") -> list[str]:
+        return each(lambda s: _fmt(s[key], digits) + suffix)
+
+    def batches(get: Any) -> list[str]:
+        return each(lambda s: f"{get(s)['batches']}; {triple(get(s))}")
+
+    def rss(s: dict[str, Any]) -> str:
+        return f"{_fmt(s['run']['rss_mb_after_first_batch'], 1)} / {_fmt(s['run']['rss_mb_after_last_batch'], 1)}"
+
+    return [
+        ("rows to insert", each(lambda s: f"{s['rows_to_insert']:,}")),
+        ("(a)/(b) batched / single statement (>= 0.8)", ratio("batched_vs_single_statement")),
+        ("(a)/(b') batched / --sql script (ledger included)", ratio("batched_vs_offline_sql")),
+        ("(b')/(b) --sql script / single statement", ratio("offline_sql_vs_single_statement")),
+        ("(a) vs (c) speedup over the MLflow client, extrapolated", ratio("speedup_vs_mlflow_client", 0, "x")),
+        ("(d) no-op rerun / R1 (<= 2)", ratio("rerun_vs_R1")),
+        ("(e) verify / R1 (<= 2)", ratio("verify_vs_R1")),
+        ("status / R1", ratio("status_vs_R1")),
+        ("(d) rerun / R0; (e) verify / R0", each(lambda s: f"{_fmt(s['rerun_vs_R0'])}; {_fmt(s['verify_vs_R0'])}")),
+        ("R1 / R0 (the new definition's count / the old one)", ratio("R1_vs_R0")),
+        ("batches; seconds per batch p50 / p99 / max (max < 0.25)", batches(lambda s: s["run"])),
+        ("under load: batches; p50 / p99 / max (max < 0.25)", batches(lambda s: s["under_load"]["run"])),
+        ("load: UI list p99 s, alone / during the run", each(lambda s: latency(s, "list"))),
+        ("load: create experiment p99 s, alone / during the run", each(lambda s: latency(s, "create"))),
+        ("peak RSS of `run`, MB (< 100)", each(lambda s: _fmt(s["run"]["peak_rss_mb"], 1))),
+        ("RSS after the first / last batch, MB (flat)", each(rss)),
+        ("goals met", each(lambda s: f"{sum(s['goals'].values())}/{len(s['goals'])}")),
+    ]
+
+
+def table(backends: dict[str, Any], markdown: bool = False) -> str:
+    """One table per shape, one column per backend; the goals not met listed under each."""
     names = list(backends)
-    rows: list[tuple[str, list[str]]] = [
-        ("experiments (headline size)", [f"{b['sizes']['headline_at']:,}" for b in backends.values()]),
-        ("batched / single statement (>= 0.8)", [_fmt(b["batched_vs_single_statement"]) for b in backends.values()]),
-        ("batched / offline --sql script", [_fmt(b["batched_vs_offline_sql"]) for b in backends.values()]),
-        (
-            "speedup vs MLflow client (extrapolated)",
-            [_fmt(b["speedup_vs_mlflow_client"], 0) for b in backends.values()],
-        ),
-        (
-            "no-op rerun / anti-join count (<= 2)",
-            [_fmt(b["rerun_seconds_vs_single_statement"]) for b in backends.values()],
-        ),
-        ("verify / anti-join count", [_fmt(b["verify_seconds_vs_single_statement"]) for b in backends.values()]),
-        ("batches", [str(b["batches"]) for b in backends.values()]),
-        (
-            "batch s p50 / p99 / max (max < 0.25)",
-            [" / ".join(_fmt(b["batch_seconds"][k], 3) for k in ("p50", "p99", "max")) for b in backends.values()],
-        ),
-    ]
-    for size in next(iter(backends.values()))["peak_rss_mb"]:
-        rows.append(
-            (f"peak RSS MB at {int(size):,} (< 100)", [_fmt(b["peak_rss_mb"].get(size), 1) for b in backends.values()])
-        )
-    rows.append(("goals met", [f"{sum(b['goals'].values())}/{len(b['goals'])}" for b in backends.values()]))
-    width = max(len(label) for label, _ in rows)
-    cols = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
-    lines = [" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols, strict=True))]
-    lines += [
-        label.ljust(width) + "  " + "  ".join(v.rjust(c) for v, c in zip(values, cols, strict=True))
-        for label, values in rows
-    ]
-    for name, b in backends.items():
-        for goal, ok in b["goals"].items():
-            if not ok:
-                lines.append(f"  {name}: goal not met: {goal}")
-    return "\n".join(lines)
+    out: list[str] = []
+    shapes = list(next(iter(backends.values()))["shapes"])
+    for shape in shapes:
+        per_backend = [backends[b]["shapes"][shape] for b in names]
+        rows = _rows(per_backend)
+        title = f"shape {shape}, {next(iter(backends.values()))['experiments']:,} experiments"
+        if markdown:
+            out.append(f"| {title} | " + " | ".join(names) + " |")
+            out.append("|---" * (len(names) + 1) + "|")
+            out += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
+        else:
+            width = max(len(label) for label, _ in rows)
+            cols = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
+            out.append(title.ljust(width) + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols, strict=True)))
+            out += [
+                label.ljust(width) + "  " + "  ".join(v.rjust(c) for v, c in zip(values, cols, strict=True))
+                for label, values in rows
+            ]
+        out += [""] if markdown else []
+        for name, s in zip(names, per_backend, strict=True):
+            bullet = "-" if markdown else " "
+            out += [f"{bullet} {name} {shape}: goal not met: {goal}" for goal, ok in s["goals"].items() if not ok]
+        out.append("")
+    return "\n".join(out)
 
 
-def plot(path: Path, backends: dict[str, Any]) -> None:
-    """Throughput against fixed batch size (log x), one line per backend; dashed: its single statement
-    (no ledger); dotted: the offline --sql script (the same statement plus the ledger, one transaction)."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 6))
+    return plt
+
+
+def plot_sweep(path: Path, backends: dict[str, Any], experiments: int) -> None:
+    """Throughput against fixed batch size (log x), one line per backend on the 3.10.0 shape; dashed: its
+    single statement (no ledger); dotted: the --sql script (the same plus the ledger, one transaction)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 6.5))
     for name, b in backends.items():
-        points = b["sweep"]["points"]
+        shape = next(iter(b["shapes"].values()))
+        points = shape.get("sweep") or []
         if not points:
             continue
         x = [p["batch_size"] for p in points]
         (line,) = ax.plot(x, [p["rows_per_second"] for p in points], marker="o", label=f"{name}: run, fixed batch")
-        at = b["by_size"][str(b["sweep"]["experiments"])]
         for key, style, label in (("single_statement", "--", "single statement"), ("offline_sql", ":", "--sql script")):
-            rate = at[key]["rows"] / statistics.median(at[key]["seconds"])
-            ax.axhline(rate, color=line.get_color(), linestyle=style, linewidth=1, label=f"{name}: {label}")
+            if key in shape:
+                rate = shape[key]["rows"] / statistics.median(shape[key]["seconds"])
+                ax.axhline(rate, color=line.get_color(), linestyle=style, linewidth=1, label=f"{name}: {label}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("batch size (sourceType rows per batch, fixed)")
     ax.set_ylabel("isGateway rows inserted per second")
-    size = next((b["sweep"]["experiments"] for b in backends.values() if b["sweep"]["points"]), 0)
-    ax.set_title(f"Backfill throughput against batch size ({size:,} experiments)")
+    ax.set_title(f"Throughput against batch size (shape 3.10.0, {experiments:,} experiments)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_batches(path: Path, backends: dict[str, Any], experiments: int) -> None:
+    """Seconds per batch through a whole default run: a row per shape, without and with the load; x is
+    where the batch ended in the experiment ids, so a stall or a trend along the table shows at a glance."""
+    plt = _pyplot()
+    shapes = list(next(iter(backends.values()))["shapes"])
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 4 * len(shapes)), sharex=True, squeeze=False)
+    for row, shape in enumerate(shapes):
+        panels = (
+            ("alone", lambda s: s["batch_trace"]),
+            ("beside the MLflow-like load", lambda s: s["under_load"]["batch_trace"]),
+        )
+        for col, (title, get) in enumerate(panels):
+            ax = axes[row][col]
+            for name, b in backends.items():
+                try:
+                    trace = get(b["shapes"][shape])
+                except KeyError:
+                    continue
+                ax.plot([t[0] for t in trace], [t[3] for t in trace], marker=".", linewidth=1, label=name)
+            ax.axhline(GOAL_MAX_BATCH, color="red", linestyle="--", linewidth=1, label="goal: < 0.25 s")
+            ax.set_title(f"shape {shape}, {title}", fontsize=10)
+            ax.set_ylabel("seconds per batch")
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+            if row == len(shapes) - 1:
+                ax.set_xlabel("experiment id at the batch's end")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Every batch of a default run, {experiments:,} experiments", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.report [RESULTS.json]``: the tables of a results file, as Markdown (the README's)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument("results", type=Path, nargs="?", default=Path(__file__).parent / "results.json")
+    args = parser.parse_args(argv)
+    print(table(json.loads(args.results.read_text())["backends"], markdown=True))
+
+
+if __name__ == "__main__":
+    main()
