@@ -24,6 +24,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,34 +176,52 @@ class Server:
         """A fresh database with MLflow's schema, copied from the session's template.
 
         Copies are made ahead, two at a time, by a thread of their own: a copy costs the server its DDL
-        (MySQL has no template databases: some forty CREATE TABLEs), which then overlaps the tests.
+        (MySQL has no template databases: some forty CREATE TABLEs), which then overlaps the tests. A test
+        that disturbs the server (pause, restart) holds the copier off with :meth:`undisturbed_copies`.
         """
         if self.template is None:
             self.template = f"tmpl_{uuid.uuid4().hex[:8]}"
             mlflow_store(self.new_database(self.template)).engine.dispose()
             self._ready: queue.Queue[str | Exception] = queue.Queue(maxsize=2)
             self._stopping = threading.Event()
+            self._copying = threading.Lock()
             self._filler = threading.Thread(target=self._fill, name=f"copies-{self.backend}", daemon=True)
             self._filler.start()
-        made = self._ready.get(timeout=600)
+        made = self._ready.get(timeout=300)
         if isinstance(made, Exception):
             raise made
         return made
 
+    @contextmanager
+    def undisturbed_copies(self) -> Iterator[None]:
+        """No copy is in flight inside this block: for a test that pauses or restarts the server."""
+        copying = getattr(self, "_copying", None)
+        if copying is None:
+            yield
+            return
+        with copying:
+            yield
+
     def _fill(self) -> None:
+        """Make copies until the session ends. A failed copy is tried again (three attempts) and, failing
+        still, handed to the next test as its error; the copier itself never stops early, so one bad moment
+        of the server costs one test, not every later one."""
         while not self._stopping.is_set():
-            try:
-                made: str | Exception = self.clone(self.template or "")
-            except Exception as exc:  # noqa: BLE001 - handed to the test that asks next
-                made = exc
+            made: str | Exception = RuntimeError("no copy made")
+            for attempt in range(3):
+                try:
+                    with self._copying:
+                        made = self.clone(self.template or "")
+                    break
+                except Exception as exc:  # noqa: BLE001 - handed to the test that asks next
+                    made = exc
+                    self._stopping.wait(2 * (attempt + 1))
             while not self._stopping.is_set():
                 try:
                     self._ready.put(made, timeout=0.5)
                     break
                 except queue.Full:
                     continue
-            if isinstance(made, Exception):
-                return
 
     def stop_copies(self) -> None:
         if getattr(self, "_filler", None) is not None:

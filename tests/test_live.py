@@ -214,11 +214,12 @@ def test_paused_server_ends_in_a_timeout_and_a_resumable_exit(db: Db) -> None:
         db, "--statement-timeout", "2", "--lock-timeout", "0.5", "--connect-timeout", "2", "--retries", "1"
     )
     _wait_for_progress(db, 5)
-    container.pause()
-    try:
-        _, err = proc.communicate(timeout=90)  # would hang forever without client-side limits
-    finally:
-        container.unpause()
+    with db.server.undisturbed_copies():
+        container.pause()
+        try:
+            _, err = proc.communicate(timeout=90)  # would hang forever without client-side limits
+        finally:
+            container.unpause()
     assert proc.returncode == ExitCode.STOPPED, err
     assert "run` again to resume" in err and "Traceback" not in err
     _rerun_finishes_exactly(db)
@@ -230,8 +231,9 @@ def test_restarted_server_is_retried_or_resumed_exactly(db: Db) -> None:
     container = _container(db)
     proc = _start_cli_run(db, "--retries", "8", "--connect-timeout", "3")
     _wait_for_progress(db, 5)
-    container.restart(timeout=10)
-    _, err = proc.communicate(timeout=180)
+    with db.server.undisturbed_copies():
+        container.restart(timeout=10)
+        _, err = proc.communicate(timeout=180)
     assert proc.returncode in (ExitCode.OK, ExitCode.STOPPED), err
     assert "Traceback" not in err
     if proc.returncode == ExitCode.STOPPED:
