@@ -18,7 +18,7 @@ from bench.servers import BACKENDS, servers, stop
 from bench.suite import Plan, bench_backend
 
 HERE = Path(__file__).resolve().parent
-SWEEP = "250,500,1000,2000,5000,10000,20000"
+SWEEP = "500,2000,5000,20000"
 
 
 def _ints(text: str) -> list[int]:
@@ -50,11 +50,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--backends", type=_backends, default=",".join(BACKENDS), help="comma-separated subset of backends")
     p.add_argument("--experiments", type=int, default=1_000_000, help="experiments per database")
-    p.add_argument("--repeat", type=int, default=2, help="side-by-side (a)/(b) pairs per shape")
+    p.add_argument("--repeat", type=int, default=1, help="side-by-side (a)/(b) pairs per shape")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (d), (e), R0, R1 per state")
     p.add_argument("--no-offline", action="store_true", help="skip the --sql script's statements (b')")
     p.add_argument("--sweep-batch-sizes", type=_ints, default=SWEEP, help="fixed batch sizes of the sweep ('': none)")
-    p.add_argument("--client-sample", type=int, default=100, help="experiments the MLflow client loop tags (0: skip)")
+    p.add_argument("--client-sample", type=int, default=50, help="experiments the MLflow client loop tags (0: skip)")
     p.add_argument("--load-writers", type=int, default=LoadSpec.writers, help="load: experiment creators")
     p.add_argument("--load-readers", type=int, default=LoadSpec.readers, help="load: UI list readers (0 and 0: none)")
     p.add_argument(

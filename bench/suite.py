@@ -32,13 +32,13 @@ from bench.servers import Server
 class Plan:
     experiments: int
     shapes: tuple[str, ...] = seed.SHAPES
-    repeat: int = 2  # (a)/(b) pairs per shape
+    repeat: int = 1  # (a)/(b) pairs per shape
     rounds: int = 3  # interleaved rounds on the finished database, per statistics state
     offline: bool = True  # measure (b') beside each pair
     sweep_batch_sizes: tuple[int, ...] = ()
     sweep_min_batches: int = 3  # timed batches per sweep point (after its first)
     sweep_min_seconds: float = 0.5
-    client_sample: int = 100  # experiments the MLflow client loop tags (0: skip)
+    client_sample: int = 50  # experiments the MLflow client loop tags (0: skip)
     load: LoadSpec | None = field(default_factory=LoadSpec)
     load_alone_seconds: float = 5.0  # the load's own latencies, before the run starts beside it
     variant: str | None = None  # a bench.variants prototype applied to the batched runs

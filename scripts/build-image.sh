@@ -52,12 +52,7 @@ build_base() {
     t0=$(date +%s)
     if [ ! -x "$rootfs/usr/bin/python3" ]; then
         [ "$(id -u)" = 0 ] || die "building $rootfs needs root (debootstrap); or set BASE_IMAGE to a local Python image"
-        if ! command -v debootstrap >/dev/null; then
-            export DEBIAN_FRONTEND=noninteractive
-            apt-cache policy debootstrap 2>/dev/null | grep -q 'Candidate: [0-9]' || apt-get update -qq
-            apt-get install -y -qq -o DPkg::Lock::Timeout=120 --no-install-recommends debootstrap >/dev/null ||
-                die "'apt-get install debootstrap' failed"
-        fi
+        ensure_debootstrap
         mirror=$(debian_mirror)
         mkdir -p "$cache"
         remove_tree "$rootfs.partial"

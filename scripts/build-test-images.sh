@@ -276,12 +276,7 @@ for name in "${!todo[@]}"; do
 done
 [ ${#todo[@]} -gt 0 ] || exit "$rc"
 
-if ! command -v debootstrap >/dev/null; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-cache policy debootstrap 2>/dev/null | grep -q 'Candidate: [0-9]' || apt-get update -qq
-    apt-get install -y -qq -o DPkg::Lock::Timeout=120 --no-install-recommends debootstrap >/dev/null ||
-        die "'apt-get install debootstrap' failed"
-fi
+ensure_debootstrap
 mirror=$(debian_mirror)
 declare -A old=()
 for name in "${!todo[@]}"; do old[$name]=$(docker image inspect -f '{{.Id}}' "$name" 2>/dev/null || true); done

@@ -25,3 +25,12 @@ remove_tree() {
         while IFS= read -r m; do umount -l "$m"; done
     rm -rf --one-file-system "$1"
 }
+
+# debootstrap from Debian's packages, refreshing the package lists only when it has no install candidate.
+ensure_debootstrap() {
+    command -v debootstrap >/dev/null && return 0
+    export DEBIAN_FRONTEND=noninteractive
+    apt-cache policy debootstrap 2>/dev/null | grep -q 'Candidate: [0-9]' || apt-get update -qq
+    apt-get install -y -qq -o DPkg::Lock::Timeout=120 --no-install-recommends debootstrap >/dev/null ||
+        die "'apt-get install debootstrap' failed"
+}

@@ -117,6 +117,13 @@ def _start_run(url: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def _start_held_run(url: str, replica_url: str) -> subprocess.Popen[str]:
+    """A slow run (10 experiments a batch, 0.2 s apart) that holds as soon as the replica lags 0.1 s."""
+    return _start_run(
+        url, "--replica-url", replica_url, "--max-replica-lag", "0.1", "--batch-size", "10", "--fixed", "--sleep", "0.2"
+    )
+
+
 def _read_until(stream: Any, needle: str, seconds: float = 120) -> str:
     seen = ""
     deadline = time.monotonic() + seconds
@@ -135,18 +142,7 @@ def test_the_run_holds_while_the_replica_does_not_replay(pair: Pair, replicated:
     db, replica_url = replicated
     backends.pause_replication(pair.replica)
     try:
-        proc = _start_run(
-            db.url,
-            "--replica-url",
-            replica_url,
-            "--max-replica-lag",
-            "0.1",
-            "--batch-size",
-            "10",
-            "--fixed",
-            "--sleep",
-            "0.2",
-        )
+        proc = _start_held_run(db.url, replica_url)
         waited = _read_until(proc.stderr, "waiting for replica")
         event = json.loads(next(line for line in waited.splitlines() if "waiting for replica" in line))
         assert event["event"] == "waiting for replica" and event["lag_seconds"] >= 0.1
@@ -279,18 +275,7 @@ def test_lag_is_measured_with_the_privileges_run_needs_and_no_more(pair: Pair, r
 
     backends.pause_replication(pair.replica)
     try:
-        proc = _start_run(
-            as_user(db.url),
-            "--replica-url",
-            as_user(replica_url),
-            "--max-replica-lag",
-            "0.1",
-            "--batch-size",
-            "10",
-            "--fixed",
-            "--sleep",
-            "0.2",
-        )
+        proc = _start_held_run(as_user(db.url), as_user(replica_url))
         _read_until(proc.stderr, "waiting for replica")  # measured, and held on: not a silent lag of 0
     finally:
         backends.resume_replication(pair.replica)
