@@ -176,6 +176,14 @@ class MlflowServer:
             time.sleep(0.25)
         raise RuntimeError(f"mlflow server did not answer within {START_TIMEOUT:.0f} s:\n{self.log_tail()}")
 
+    def upgrade(self) -> None:
+        """``mlflow db upgrade`` on the database alone (no server): for a read replica that must replay the
+        new schema before the server starts, since the server checks the schema version where it reads."""
+        command = [str(self.python), "-m", "mlflow", "db", "upgrade", self.database_url]
+        done = subprocess.run(command, cwd=self.workdir, env=release_env(), capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"mlflow db upgrade exited with {done.returncode}:\n{done.stderr[-4000:]}")
+
     def upgraded(self) -> bool:
         """Whether ``mlflow db upgrade`` ran first and succeeded."""
         return UPGRADED in self.log.read_text(errors="replace")

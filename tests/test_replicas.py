@@ -219,8 +219,12 @@ def test_the_ui_reading_from_the_replica_lists_no_gateway_experiment(pair: Pair,
     names = {e: f"exp-{e}" for e in range(1000, 1060)}
     python = python_of(ensure_venv(NEWEST))
     workdir = Path(tempfile.mkdtemp(prefix="mgb-ui-"))
-    with MlflowServer(python, db.url, workdir, upgrade_first=True, read_replica=replica_url) as ui:
-        backends.wait_for_replica(pair.primary, pair.replica)  # the newest MLflow's schema upgrade, replicated
+    ui = MlflowServer(python, db.url, workdir, read_replica=replica_url)
+    # As operators deploy it: `mlflow db upgrade` on the primary, then the server, which refuses to start
+    # until the replica it reads from has replayed the new schema version.
+    ui.upgrade()
+    backends.wait_for_replica(pair.primary, pair.replica)
+    with ui:
 
         def listed_names() -> set[str]:
             return {e["name"] for e in ui.ui_experiments()}
