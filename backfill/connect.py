@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -202,6 +203,17 @@ def transaction(conn: Connection, begin: str) -> Iterator[None]:
     except BaseException:
         recover(conn)
         raise
+
+
+def read_whole_table(conn: Connection, setup: tuple[str, ...], statement: str, params: dict[str, Any]) -> Any:
+    """The scalar of a whole-table read (verify's count, the end-of-pass check), after the dialect's planner
+    settings (``DialectSQL.whole_table_setup``) in a transaction of its own, so they end with it."""
+    if not setup:
+        return conn.execute(sa.text(statement), params).scalar()
+    with transaction(conn, "BEGIN"):
+        for line in setup:
+            conn.exec_driver_sql(line)
+        return conn.execute(sa.text(statement), params).scalar()
 
 
 def recover(conn: Connection) -> None:

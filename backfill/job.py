@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from backfill import record
-from backfill.connect import close, connect, create_engine, recover, transaction
+from backfill.connect import close, connect, create_engine, read_whole_table, recover, transaction
 from backfill.errors import BackfillError, ExitCode, describe
 from backfill.lock import RunnerLock
 from backfill.replicas import Replicas
@@ -126,7 +126,7 @@ class Backfill:
     def missing(self) -> int:
         """How many gateway experiments lack isGateway: one query (verify, `run --dry-run`)."""
         with self.session() as (conn, target):
-            return int(conn.execute(sa.text(target.sql.missing), binds()).scalar_one())
+            return int(read_whole_table(conn, target.sql.whole_table_setup, target.sql.missing, binds()))
 
     # ---------------------------------------------------------------- run
 

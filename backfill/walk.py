@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from backfill import record, signals
-from backfill.connect import recover, transaction
+from backfill.connect import read_whole_table, recover, transaction
 from backfill.errors import BackfillError, ExitCode
 from backfill.lock import RunnerLock
 from backfill.replicas import DEFAULT_MAX_LAG, DEFAULT_TIMEOUT, Lag, Replicas
@@ -264,7 +264,7 @@ class Walk(_Walk):
         """The first experiment that still needs the tag (starting a walk there), or None."""
 
         def find() -> int | None:
-            first = self.conn.execute(sa.text(self.sql.first_missing), binds()).scalar()
+            first = read_whole_table(self.conn, self.sql.whole_table_setup, self.sql.first_missing, binds())
             if first is not None:
                 record.start_pass(self.conn, self.target, self.run_id or 0)
             return None if first is None else int(first)
