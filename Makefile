@@ -76,7 +76,7 @@ test: $(BIN)/.test  ## the full suite on every backend (starts Docker, builds th
 	scripts/provision-tests.sh
 	$(MAKE) --no-print-directory image
 	scripts/ensure-compose.sh
-	$(BIN)/pytest -m "not migration_check" -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not migration_check" -n $(PYTEST_WORKERS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 migration-check: $(BIN)/.test  ## the CI migration check: MLflow 2.22.5 to 3.17.2 on every backend
 	scripts/provision-tests.sh
