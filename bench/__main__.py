@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
             "seconds; a fixed-batch-size sweep; MLflow's client loop on a sample, extrapolated (c). Prints a "
             "table, writes JSON and two PNG plots."
         ),
-        epilog="`make bench` runs the defaults (about 20 min on 2 cores), `make bench-quick` runs --quick "
+        epilog="`make bench` runs the defaults (about 16 min on 2 cores), `make bench-quick` runs --quick "
         "(about 2 min). Timings are noisy: compare the ratios, measured side by side.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
