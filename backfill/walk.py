@@ -43,7 +43,7 @@ class Settings:
     batch_size: int = DEFAULT_BATCH_SIZE
     min_batch_size: int = 50
     max_batch_size: int = 20_000
-    target_batch_seconds: float = 0.15  # the longest batch stays under 0.25 s (README, Benchmark)
+    target_batch_seconds: float = 0.15  # with the controller's overshoot, batches stay near 0.25 s at most
     sleep: float = 0.0
     max_rows_per_second: float | None = None
     max_passes: int = 3

@@ -138,6 +138,11 @@ class Server:
     template: str | None = None
     created: list[str] = field(default_factory=list)
     version: str = ""  # what the server says it is (SELECT version())
+    # The copier of :meth:`new_mlflow_database`: copies made ahead, the lock each copy is made under.
+    _ready: queue.Queue[str | Exception] = field(default_factory=lambda: queue.Queue(maxsize=2), repr=False)
+    _copying: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    _filler: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def dialect(self) -> str:
@@ -182,9 +187,6 @@ class Server:
         if self.template is None:
             self.template = f"tmpl_{uuid.uuid4().hex[:8]}"
             mlflow_store(self.new_database(self.template)).engine.dispose()
-            self._ready: queue.Queue[str | Exception] = queue.Queue(maxsize=2)
-            self._stopping = threading.Event()
-            self._copying = threading.Lock()
             self._filler = threading.Thread(target=self._fill, name=f"copies-{self.backend}", daemon=True)
             self._filler.start()
         made = self._ready.get(timeout=300)
@@ -195,11 +197,7 @@ class Server:
     @contextmanager
     def undisturbed_copies(self) -> Iterator[None]:
         """No copy is in flight inside this block: for a test that pauses or restarts the server."""
-        copying = getattr(self, "_copying", None)
-        if copying is None:
-            yield
-            return
-        with copying:
+        with self._copying:
             yield
 
     def _fill(self) -> None:
@@ -224,7 +222,7 @@ class Server:
                     continue
 
     def stop_copies(self) -> None:
-        if getattr(self, "_filler", None) is not None:
+        if self._filler is not None:
             self._stopping.set()
             self._filler.join(timeout=120)
 
