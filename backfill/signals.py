@@ -29,13 +29,17 @@ class Stop:
         self.immediate = immediate  # read-only commands: nothing to finish, the first signal ends them
 
     def __call__(self) -> bool:
-        return self.requested is not None
+        if self.requested is None:
+            return False
+        # The work has seen the stop and is about to record it: from here on a second signal must not
+        # interrupt that (it would otherwise land in the clean-up, before ``finishing`` could ignore it).
+        _ignore_further_signals()
+        return True
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.requested is not None or self.immediate:
             self.requested = signum
-            for s in HANDLED:  # cleaning up now: nothing may interrupt recording the stop
-                signal.signal(s, signal.SIG_IGN)
+            _ignore_further_signals()  # cleaning up now: nothing may interrupt recording the stop
             raise StopNow
         self.requested = signum
         print(f"\n{signal.Signals(signum).name}: stopping after the current batch", file=sys.stderr, flush=True)
@@ -63,6 +67,10 @@ def finishing(should_stop: object) -> Iterator[None]:
     """Once the work is stopping, further signals are ignored: they must not interrupt recording the stop,
     nor kill the process as it exits (Python restores the default handlers at exit, not SIG_IGN)."""
     if isinstance(should_stop, Stop) and should_stop.requested is not None:
-        for s in HANDLED:
-            signal.signal(s, signal.SIG_IGN)
+        _ignore_further_signals()
     yield
+
+
+def _ignore_further_signals() -> None:
+    for s in HANDLED:
+        signal.signal(s, signal.SIG_IGN)

@@ -310,10 +310,11 @@ def test_a_sqlite_file_uri_reaches_the_database(db: Db) -> None:
 # ---------------------------------------------------------------- 8. read-only commands open SQLite read-only
 
 
-def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI as an unprivileged user (root ignores file permissions)."""
+def _without_write_power(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI without the power to override file permissions: root with every capability dropped (so the
+    file's mode bits hold), yet still the owner of the checkout, which may be private (``mktemp -d``)."""
     return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "backfill", *args],
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-m", "backfill", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -335,12 +336,12 @@ def test_read_only_commands_need_only_read_access(db: Db, journal: str) -> None:
         path.chmod(0o444)
         directory.chmod(0o555)  # nobody may create a journal, a WAL index or a lock file here
         url = f"sqlite:///{path}"
-        status = _as_nobody("status", "--database-url", url)
+        status = _without_write_power("status", "--database-url", url)
         assert status.returncode == 0 and "missing isGateway:       2" in status.stdout, status.stderr
-        assert _as_nobody("verify", "--database-url", url).returncode == ExitCode.MISSING
-        dry = _as_nobody("run", "--dry-run", "--database-url", url)
+        assert _without_write_power("verify", "--database-url", url).returncode == ExitCode.MISSING
+        dry = _without_write_power("run", "--dry-run", "--database-url", url)
         assert dry.returncode == 0 and "would insert 2" in dry.stdout, dry.stderr
-        denied = _as_nobody("run", "--database-url", url)
+        denied = _without_write_power("run", "--database-url", url)
         assert denied.returncode == ExitCode.PERMISSION, denied.stderr
         assert denied.stderr.count("\n") == 1 and "Traceback" not in denied.stderr
     finally:
