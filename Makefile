@@ -104,7 +104,7 @@ image: | $(UV_DEP)  ## mlflow-gateway-backfill:<version> and :latest, built offl
 screenshots: $(BIN)/.test | $(UV_DEP)  ## docs/experiments-{before,after}.png: a real mlflow server's UI, Chromium
 	UV=$(UV) scripts/screenshots.sh
 
-bench: $(BIN)/.test  ## 1M experiments, two shapes of data, every backend (see README; about 16 min here)
+bench: $(BIN)/.test  ## 1M experiments, two shapes of data, every backend (see docs/benchmark.md; about 16 min here)
 	scripts/provision-tests.sh
 	$(BIN)/python -m bench
 

@@ -164,7 +164,7 @@ def connect(engine: Engine, timeouts: Timeouts | None = None) -> Connection:
         ) from None
     except TypeError as exc:  # PyMySQL: an unknown keyword, i.e. a URL query parameter it does not know
         raise BackfillError(
-            f"the database URL has a parameter the driver rejects ({exc}); see the README for the "
+            f"the database URL has a parameter the driver rejects ({exc}); see docs/databases.md for the "
             "parameters of psycopg and PyMySQL",
             ExitCode.USAGE,
         ) from None

@@ -43,7 +43,7 @@ MAX_SECONDS = 86_400.0
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Per-command limits, in seconds (README: "Beside a live MLflow server")."""
+    """Per-command limits, in seconds (docs/live-safety.md: "Timeouts, per server")."""
 
     lock: float = 1.0  # how long a statement may wait for a lock MLflow holds
     statement: float = 30.0  # how long one statement may run

@@ -32,7 +32,7 @@ from backfill.sql import CONSTANTS
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 # The first batch's size; later ones adapt to the time target. Small, so that the first batch on a busy
-# database is short; the controller reaches the throughput plateau within a few batches (README).
+# database is short; the controller reaches the throughput plateau within a few batches (docs/benchmark.md).
 DEFAULT_BATCH_SIZE = 2000
 
 

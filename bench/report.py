@@ -238,7 +238,7 @@ def plot_batches(path: Path, backends: dict[str, Any], experiments: int) -> None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m bench.report [RESULTS.json]``: the tables of a results file, as Markdown (the README's)."""
+    """``python -m bench.report [RESULTS.json]``: the tables of a results file, as Markdown (docs/benchmark.md's)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)

@@ -360,7 +360,7 @@ def test_env_password_never_in_output(db: Db) -> None:
 
 @pytest.mark.backends("postgresql", "mysql")
 def test_the_documented_privileges_are_enough(db: Db) -> None:
-    """The README's grants for `run` and `revert`, and no more."""
+    """docs/privileges.md's grants for `run` and `revert`, and no more."""
     gateway(db)
     name, password = f"w_{uuid.uuid4().hex[:8]}", "pw-" + uuid.uuid4().hex[:8]
     database = sa.make_url(db.url).database

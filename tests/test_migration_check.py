@@ -20,7 +20,7 @@ The exact end state: the added ``experiment_tags`` rows are exactly (isGateway, 
 experiment that has a sourceType row exactly ``GATEWAY`` and had no isGateway row; every other row of
 every MLflow table, MLflow's ``alembic_version`` included, is unchanged. Tables are compared by row count
 and an order-independent hash of their rows, so the same code also checks a large production copy:
-``MGB_MIGRATION_CHECK_URL=<copy> pytest -m migration_check -k own`` (see README).
+``MGB_MIGRATION_CHECK_URL=<copy> pytest -m migration_check -k own`` (see docs/testing.md).
 """
 
 from __future__ import annotations

@@ -241,7 +241,7 @@ def test_the_ui_reading_from_the_replica_lists_no_gateway_experiment(pair: Pair,
 
 
 def test_lag_is_measured_with_the_privileges_run_needs_and_no_more(pair: Pair, replicated: tuple[Db, str]) -> None:
-    """The README's grants for `run`, nothing for replication: lag is still measured (and held on)."""
+    """docs/privileges.md's grants for `run`, nothing for replication: lag is still measured (and held on)."""
     from tests import backends
 
     db, replica_url = replicated
