@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class Setting:
     name: str
     options: tuple[str, ...] = ()
     journal_mode: str = "delete"  # the copy's journal mode before the load starts (MLflow's: delete)
+    ui_readers: bool = True  # False: the load's writers only (nobody has the UI's experiment list open)
 
 
 SETTINGS = {
@@ -50,6 +51,7 @@ SETTINGS = {
         Setting("lock-timeout 10, sleep 1", ("--lock-timeout", "10", "--sleep", "1")),
         Setting("lock-timeout 10, target 0.05 s", ("--lock-timeout", "10", "--target-batch-seconds", "0.05")),
         Setting("WAL, defaults", (), "wal"),
+        Setting("defaults, UI idle (the load's writers only)", ui_readers=False),
     )
 }
 
@@ -67,6 +69,7 @@ def one_run(server: Server, source: str, setting: Setting, missing: int, spec: L
     """`run` under ``setting`` on a fresh copy beside the load (5 s of load alone first)."""
     db = server.fresh(source, "load")
     url = server.url_for(db)
+    spec = spec if setting.ui_readers else replace(spec, readers=0)
     try:
         mode = _journal_mode(url, setting.journal_mode)
         failed: measure.RunFailed | None = None
@@ -79,7 +82,12 @@ def one_run(server: Server, source: str, setting: Setting, missing: int, spec: L
                     report = measure.backfill_subprocess(url, *setting.options, limit=limit)
                 except measure.RunFailed as exc:
                     failed = exc
-        out: dict[str, Any] = {"journal_mode": mode, "load_alone": alone, "load_during_run": during}
+        out: dict[str, Any] = {
+            "journal_mode": mode,
+            "load": spec.describe(),
+            "load_alone": alone,
+            "load_during_run": during,
+        }
         if failed is not None:
             return {**out, "finished": False, "gave_up": gave_up(failed, url, setting.options, missing)}
         return {
