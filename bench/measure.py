@@ -113,6 +113,16 @@ class RunFailed(RuntimeError):
         super().__init__(f"backfill run failed ({code}): {stderr[-2000:]}")
 
 
+def journal_mode(url: str, mode: str) -> str:
+    """SQLite: set the database's journal mode (WAL persists in the file); returns the mode now in force."""
+    engine = plain_engine(url)
+    try:
+        with engine.connect() as conn:
+            return str(conn.exec_driver_sql(f"PRAGMA journal_mode = {mode}").scalar())
+    finally:
+        engine.dispose()
+
+
 def missing_rows(url: str) -> int:
     """Gateway experiments still without isGateway (R1's count): after a run that gave up, what it left."""
     engine = plain_engine(url)

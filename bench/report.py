@@ -144,8 +144,8 @@ def _rows(shapes: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         load = s["under_load"]
         if "run" not in load:
             return "-"
-        options = " ".join(load["options"])
-        return (f"at {options}: " if options else "") + batches(load["run"])
+        how = " ".join(load["options"]) + (f" in {load['journal_mode'].upper()} mode" if "journal_mode" in load else "")
+        return (f"{how.strip()}: " if how.strip() else "") + batches(load["run"])
 
     def latency(s: dict[str, Any], kind: str) -> str:
         load = s["under_load"]

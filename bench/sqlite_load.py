@@ -23,8 +23,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
 from bench import measure, seed
 from bench.load import Load, LoadSpec
 from bench.servers import Server
@@ -56,22 +54,13 @@ SETTINGS = {
 }
 
 
-def _journal_mode(url: str, mode: str) -> str:
-    engine = sa.create_engine(url, poolclass=sa.NullPool)
-    try:
-        with engine.connect() as conn:
-            return str(conn.exec_driver_sql(f"PRAGMA journal_mode = {mode}").scalar())
-    finally:
-        engine.dispose()
-
-
 def one_run(server: Server, source: str, setting: Setting, missing: int, spec: LoadSpec, limit: float) -> dict:
     """`run` under ``setting`` on a fresh copy beside the load (5 s of load alone first)."""
     db = server.fresh(source, "load")
     url = server.url_for(db)
     spec = spec if setting.ui_readers else replace(spec, readers=0)
     try:
-        mode = _journal_mode(url, setting.journal_mode)
+        mode = measure.journal_mode(url, setting.journal_mode)
         failed: measure.RunFailed | None = None
         report: dict[str, Any] = {}
         with Load(url, spec) as load:

@@ -10,8 +10,8 @@ Per shape (``3.10.0``, then ``mixed``, made from it), on databases in the seeded
    ``verify`` (e) and ``status``, first with the statistics as the run left them, then freshly analyzed and
    interleaved with the reference counts R0 and R1; the rounds' order alternates from one pair to the next;
 3. the run again while an MLflow-like load (bench.load) reads and writes the same tables, the load's
-   latencies taken alone first and then during the run (once; again with a longer lock timeout if it gives
-   up);
+   latencies taken alone first and then during the run (once; should it give up, once more as
+   under_load_tries says);
 4. on the 3.10.0 shape: the fixed-batch-size sweep and the MLflow client loop (c).
 
 Every ratio is a spread (bench.spread) over the pairs. A run that gives up (exits non-zero: a lock it could
@@ -36,9 +36,21 @@ from bench.load import Load, LoadSpec
 from bench.servers import Server
 from bench.spread import spread
 
-# Under the load, should the run at the defaults give up: the options of the next try (bench/README:
-# on SQLite a UI list holds the database's shared lock for seconds).
-UNDER_LOAD_TRIES: tuple[tuple[str, ...], ...] = ((), ("--lock-timeout", "10"))
+
+@dataclass(frozen=True)
+class Try:
+    """How the run beside the load is tried: the tool's options, and on SQLite the database's journal mode
+    (None: as MLflow left it, the rollback journal)."""
+
+    options: tuple[str, ...] = ()
+    journal_mode: str | None = None
+
+
+def under_load_tries(family: str) -> tuple[Try, ...]:
+    """At the defaults first; should that give up, the next try. SQLite: the database in WAL mode (in MLflow's
+    rollback-journal mode a busy UI's readers keep every writer waiting, and no lock timeout, sleep or
+    batch target got `run` through: bench/sqlite-load.json); the servers: a longer lock timeout."""
+    return (Try(), Try(journal_mode="wal")) if family == "sqlite" else (Try(), Try(("--lock-timeout", "10")))
 
 
 @dataclass
@@ -77,7 +89,9 @@ def lock_timeout(options: tuple[str, ...] | list[str]) -> float:
     return float(options[options.index("--lock-timeout") + 1]) if "--lock-timeout" in options else Timeouts.lock
 
 
-def gave_up(exc: measure.RunFailed, url: str, options: tuple[str, ...], missing: int) -> dict[str, Any]:
+def gave_up(
+    exc: measure.RunFailed, url: str, options: tuple[str, ...], missing: int, journal_mode: str | None = None
+) -> dict[str, Any]:
     """What a run that gave up leaves in the results: call it once no one else writes (after the load)."""
     return {
         "exit": exc.code,
@@ -85,6 +99,7 @@ def gave_up(exc: measure.RunFailed, url: str, options: tuple[str, ...], missing:
         "rows_to_insert": missing,
         "lock_timeout": lock_timeout(options),
         "options": list(options),
+        **({"journal_mode": journal_mode} if journal_mode else {}),
         "message": exc.message,
         "seconds": round(exc.seconds, 2),
     }
@@ -92,8 +107,9 @@ def gave_up(exc: measure.RunFailed, url: str, options: tuple[str, ...], missing:
 
 def describe_gave_up(record: dict[str, Any]) -> str:
     """``gave up (exit 7) at --lock-timeout 10, 41,000 of 50,000 rows``."""
+    mode = f" in {record['journal_mode'].upper()} mode" if record.get("journal_mode") else ""
     return (
-        f"gave up (exit {record['exit']}) at --lock-timeout {record['lock_timeout']:g}, "
+        f"gave up (exit {record['exit']}) at --lock-timeout {record['lock_timeout']:g}{mode}, "
         f"{record['rows_done']:,} of {record['rows_to_insert']:,} rows"
     )
 
@@ -312,38 +328,42 @@ def _yardstick_ratios(finished: list[dict[str, dict[str, float]] | None]) -> dic
 
 
 def _under_load(server: Server, source: str, missing: int, plan: Plan) -> dict[str, Any]:
-    """The run at its defaults beside the load; should it give up, again with the next options of
-    UNDER_LOAD_TRIES. Each try that gave up is recorded (``gave_up``: the last; ``tries``: every one)."""
+    """The run at its defaults beside the load; should it give up, the next of under_load_tries. Each try
+    that gave up is recorded (``tries``: every one; ``gave_up``: the last, when none finished)."""
     assert plan.load is not None
     result: dict[str, Any] = {"load": plan.load.describe(), "tries": []}
-    for options in UNDER_LOAD_TRIES:
-        outcome = _loaded_run(server, source, missing, plan, options)
+    for how in under_load_tries(server.family):
+        outcome = _loaded_run(server, source, missing, plan, how)
         if "gave_up" not in outcome:
             return {**result, **outcome}
-        result["tries"].append(outcome["gave_up"])
         record = outcome["gave_up"]
+        result["tries"].append(record)
         plan.log(f"[{server.backend}] under load: {describe_gave_up(record)}: {record['message']}")
         result.update(outcome)
     return result
 
 
-def _loaded_run(server: Server, source: str, missing: int, plan: Plan, options: tuple[str, ...]) -> dict[str, Any]:
+def _loaded_run(server: Server, source: str, missing: int, plan: Plan, how: Try) -> dict[str, Any]:
     assert plan.load is not None
     db = server.fresh(source, "load")
     url = server.url_for(db)
     failed: measure.RunFailed | None = None
     try:
+        if how.journal_mode:
+            measure.journal_mode(url, how.journal_mode)
         with Load(url, plan.load) as load:
             with load.window() as alone:
                 time.sleep(plan.load_alone_seconds)
             with load.window() as during:
                 try:
-                    run = attempt(url, options, missing, plan.variant)
+                    run = attempt(url, how.options, missing, plan.variant)
                 except measure.RunFailed as exc:
                     failed = exc
-        figures = {"options": list(options), "load_alone": alone, "load_during_run": during}
+        figures: dict[str, Any] = {"options": list(how.options), "load_alone": alone, "load_during_run": during}
+        if how.journal_mode:
+            figures["journal_mode"] = how.journal_mode
         if failed is not None:  # counted once the load has stopped
-            return {**figures, "gave_up": gave_up(failed, url, options, missing)}
+            return {**figures, "gave_up": gave_up(failed, url, how.options, missing, how.journal_mode)}
     finally:
         server.release(db)
     return {**figures, "run": _batch_figures([run]), "batch_trace": run["batch_trace"]}
