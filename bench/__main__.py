@@ -44,9 +44,9 @@ def parser() -> argparse.ArgumentParser:
             "seconds; a fixed-batch-size sweep; MLflow's client loop on a sample, extrapolated (c). Prints a "
             "table, writes JSON and two PNG plots."
         ),
-        epilog="`make bench` runs the defaults (about 16 min on 2 cores), `make bench-quick` runs --quick "
-        "(about 2 min). Timings are noisy: compare the ratios, measured side by side, as their median and range "
-        "over the pairs.",
+        epilog="`make bench` runs the defaults (about 24 min on 2 cores), `make bench-light` runs --light (about "
+        "18 min; fewer --backends take less), `make bench-quick` runs --quick (about 2 min). Timings are noisy: "
+        "compare the ratios, measured side by side, as their median and range over the pairs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--backends", type=_backends, default=",".join(BACKENDS), help="comma-separated subset of backends")
@@ -144,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             plan.log(f"[{name}] done at {(time.monotonic() - started) / 60:.1f} min")
     save(complete=True)
     elapsed = time.monotonic() - started
-    report.plot_sweep(plots["sweep"], results, args.experiments)
+    written = [output, plots["batches"]]
     report.plot_batches(plots["batches"], results, args.experiments)
+    if report.plot_sweep(plots["sweep"], results, args.experiments):
+        written.append(plots["sweep"])
     print(report.table(results))
-    print(f"\n{output}, {plots['sweep']} and {plots['batches']} written; {elapsed / 60:.1f} min")
+    print(f"\n{', '.join(map(str, written))} written; {elapsed / 60:.1f} min")
     failed = [f"{b} {s}" for b, r in results.items() for s, figures in r["shapes"].items() if "error" in figures]
     if failed:
         print(f"failed (see 'error' in {output}): {', '.join(failed)}", file=sys.stderr)

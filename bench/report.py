@@ -241,9 +241,12 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_sweep(path: Path, backends: dict[str, Any], experiments: int) -> None:
+def plot_sweep(path: Path, backends: dict[str, Any], experiments: int) -> bool:
     """Throughput against fixed batch size (log x), one line per backend on the 3.10.0 shape; dashed: its
-    single statement (no ledger); dotted: the --sql script (the same plus the ledger, one transaction)."""
+    single statement (no ledger); dotted: the --sql script (the same plus the ledger, one transaction).
+    False (and no file) when no sweep was measured."""
+    if not any(b["shapes"].get("3.10.0", {}).get("sweep") for b in backends.values()):
+        return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 6.5))
     for name, b in backends.items():
@@ -268,6 +271,7 @@ def plot_sweep(path: Path, backends: dict[str, Any], experiments: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def plot_batches(path: Path, backends: dict[str, Any], experiments: int) -> None:
