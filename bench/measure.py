@@ -101,14 +101,36 @@ def warm(url: str) -> None:
 
 
 class RunFailed(RuntimeError):
-    """The child `run` exited with an error: its exit code and its last line on stderr (the tool's message)."""
+    """The child `run` exited with an error (or was ended at the bench's time limit: ``code`` None): its exit
+    code, its last line on stderr (the tool's message) and its wall-clock seconds."""
 
-    def __init__(self, code: int, stderr: str) -> None:
+    def __init__(self, code: int | None, stderr: str, seconds: float) -> None:
         self.code = code
+        self.seconds = seconds
         self.message = next(
-            (line for line in reversed(stderr.splitlines()) if line.startswith("Error:")), stderr[-500:]
+            (line for line in reversed(stderr.splitlines()) if line.startswith("Error:")), stderr[-500:].strip()
         )
         super().__init__(f"backfill run failed ({code}): {stderr[-2000:]}")
+
+
+def journal_mode(url: str, mode: str) -> str:
+    """SQLite: set the database's journal mode (WAL persists in the file); returns the mode now in force."""
+    engine = plain_engine(url)
+    try:
+        with engine.connect() as conn:
+            return str(conn.exec_driver_sql(f"PRAGMA journal_mode = {mode}").scalar())
+    finally:
+        engine.dispose()
+
+
+def missing_rows(url: str) -> int:
+    """Gateway experiments still without isGateway (R1's count): after a run that gave up, what it left."""
+    engine = plain_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text(count_sql(engine.dialect.name)), _binds()).scalar_one())
+    finally:
+        engine.dispose()
 
 
 @dataclass
@@ -143,20 +165,33 @@ def single_statement(url: str, offline_script: bool = False) -> Timed:
         engine.dispose()
 
 
-def backfill_subprocess(url: str, *options: str, variant: str | None = None) -> dict[str, Any]:
+def backfill_subprocess(
+    url: str, *options: str, variant: str | None = None, limit: float | None = None
+) -> dict[str, Any]:
     """``mlflow-gateway-backfill run --json -q`` in a child process: its report, its peak RSS, every batch.
 
     The child is the real CLI (through bench.child, which may first apply a prototype ``variant``).
     ``batches``: one ``[hi, scanned, inserted, seconds, size, rss_kb]`` per committed batch, in order.
+    ``limit``: seconds after which the child is sent SIGTERM (it stops after its batch in flight, exit 7).
+    Raises RunFailed when the run does not exit 0.
     """
     command = [sys.executable, "-m", "bench.child", *(["--variant", variant] if variant else [])]
     command += ["run", "--database-url", url, "--json", "-q", *options]
     env = {**os.environ, "PYTHONPATH": REPO}
     t0 = time.perf_counter()
-    child = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, check=False)
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            stdout, stderr = process.communicate()
+            stderr += f"\nError: ended by the bench after {limit:g} s"
     wall = time.perf_counter() - t0
+    child = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if child.returncode != 0:
-        raise RunFailed(child.returncode, child.stderr)
+        raise RunFailed(child.returncode, child.stderr, wall)
     report = json.loads(child.stdout.strip().splitlines()[-1])
     lines = child.stderr.splitlines()
     rss_kb = next(int(line.split()[1]) for line in lines if line.startswith(RSS_PREFIX))
@@ -177,27 +212,31 @@ def backfill_subprocess(url: str, *options: str, variant: str | None = None) -> 
 
 @dataclass
 class Rounds:
-    """Named operations timed in interleaved rounds (each round in a rotated order); medians per name."""
+    """Named operations timed in interleaved rounds, each round mirroring the one before (A B C, C B A, ...:
+    every operation runs as often before as after each other one); every time per name."""
 
     ops: dict[str, Callable[[], object]]
     times: dict[str, list[float]] = field(default_factory=dict)
 
-    def run(self, rounds: int) -> dict[str, float]:
+    def run(self, rounds: int, first: int = 0) -> dict[str, list[float]]:
+        """``rounds`` rounds; ``first``: the index of the first one (its order), so that rounds spread over
+        several databases go on alternating."""
         names = list(self.ops)
         for name in names:  # a first, uncounted round: every statement prepared and its pages cached
             self.ops[name]()
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
+        for r in range(first, first + rounds):
+            for name in names if r % 2 == 0 else reversed(names):
                 t0 = time.perf_counter()
                 self.ops[name]()
                 self.times.setdefault(name, []).append(time.perf_counter() - t0)
-        return {name: statistics.median(self.times[name]) for name in names}
+        return self.times
 
 
-def finished_database(url: str, rounds: int, analyze_first: bool) -> dict[str, float]:
-    """On a database the backfill has finished: medians of the no-op rerun (``run``), ``verify``
-    (``Backfill.missing``) and ``status``, interleaved; with ``analyze_first``, on freshly analyzed
-    statistics and interleaved with the reference counts R0 and R1 (the yardstick is measured on those).
+def finished_database(url: str, rounds: int, analyze_first: bool, first: int = 0) -> dict[str, list[float]]:
+    """On a database the backfill has finished: the times of the no-op rerun (``run``), ``verify``
+    (``Backfill.missing``) and ``status``, interleaved (Rounds, from round ``first``); with ``analyze_first``,
+    on freshly analyzed statistics and interleaved with the reference counts R0 and R1 (the yardstick is
+    measured on those).
     """
     plain = plain_engine(url)
     tool = create_engine(parse_url(url))
@@ -236,7 +275,7 @@ def finished_database(url: str, rounds: int, analyze_first: bool) -> dict[str, f
                 "verify": verify,
                 "status": lambda: Backfill(tool).status(),
             }
-            return Rounds(ops).run(rounds)
+            return Rounds(ops).run(rounds, first)
     finally:
         tool.dispose()
         plain.dispose()

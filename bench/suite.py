@@ -2,39 +2,64 @@
 
 Per shape (``3.10.0``, then ``mixed``, made from it), on databases in the seeded state (``Server.fresh``):
 
-1. ``repeat`` pairs of the batched run at its defaults (a) and the single-statement floor (b), each pair
-   mirrored from the one before (a b, b a, ...: a drift in the machine's speed weighs on both alike),
-   with the ``--sql`` script's statements (b') beside the first pair when asked for;
-2. on the last run's finished database, interleaved rounds of the no-op rerun (d), ``verify`` (e) and
-   ``status``, first with the statistics as the run left them, then freshly analyzed and interleaved with
-   the reference counts R0 and R1;
+1. ``pairs`` side-by-side pairs of the batched run at its defaults (a) and the single-statement floor (b),
+   with the ``--sql`` script's statements (b') in each pair when asked for; each pair mirrors the one before
+   (a b b', b' b a, ...: a drift in the machine's speed weighs on both sides alike), and each measurement
+   starts from the seeded state (a copy, or on the MySQL family the source reset);
+2. on each pair's finished database (right after its run), interleaved rounds of the no-op rerun (d),
+   ``verify`` (e) and ``status``, first with the statistics as the run left them, then freshly analyzed and
+   interleaved with the reference counts R0 and R1; the rounds' order alternates from one pair to the next;
 3. the run again while an MLflow-like load (bench.load) reads and writes the same tables, the load's
-   latencies taken alone first and then during the run;
+   latencies taken alone first and then during the run (once; should it give up, once more as
+   under_load_tries says);
 4. on the 3.10.0 shape: the fixed-batch-size sweep and the MLflow client loop (c).
+
+Every ratio is a spread (bench.spread) over the pairs. A run that gives up (exits non-zero: a lock it could
+not get within its retries) is recorded, with its exit code, the rows it inserted, the lock timeout it had
+and its message, and the bench goes on; so does it after any other failure of one shape (recorded as
+``error``).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from backfill.errors import ExitCode
+from backfill.retry import Timeouts
 from bench import measure, seed
 from bench.load import Load, LoadSpec
 from bench.servers import Server
+from bench.spread import spread
+
+
+@dataclass(frozen=True)
+class Try:
+    """How the run beside the load is tried: the tool's options, and on SQLite the database's journal mode
+    (None: as MLflow left it, the rollback journal)."""
+
+    options: tuple[str, ...] = ()
+    journal_mode: str | None = None
+
+
+def under_load_tries(family: str) -> tuple[Try, ...]:
+    """At the defaults first; should that give up, the next try. SQLite: the database in WAL mode (in MLflow's
+    rollback-journal mode a busy UI's readers keep every writer waiting, and no lock timeout, sleep or
+    batch target got `run` through: bench/sqlite-load.json); the servers: a longer lock timeout."""
+    return (Try(), Try(journal_mode="wal")) if family == "sqlite" else (Try(), Try(("--lock-timeout", "10")))
 
 
 @dataclass
 class Plan:
     experiments: int
     shapes: tuple[str, ...] = seed.SHAPES
-    repeat: int = 1  # (a)/(b) pairs per shape
-    rounds: int = 3  # interleaved rounds on the finished database, per statistics state
-    offline: bool = True  # measure (b') beside each pair
+    pairs: int = 3  # side-by-side (a)/(b) pairs per shape
+    rounds: int = 1  # interleaved rounds on each pair's finished database, per statistics state
+    offline: bool = True  # measure (b') in each pair
     sweep_batch_sizes: tuple[int, ...] = ()
     sweep_min_batches: int = 3  # timed batches per sweep point (after its first)
     sweep_min_seconds: float = 0.5
@@ -54,109 +79,183 @@ class Plan:
             self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - t0
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return round(numerator / denominator, 3) if denominator else float("nan")
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def lock_timeout(options: tuple[str, ...] | list[str]) -> float:
+    """The ``--lock-timeout`` a run was given (the tool's default when none)."""
+    options = list(options)
+    return float(options[options.index("--lock-timeout") + 1]) if "--lock-timeout" in options else Timeouts.lock
+
+
+def gave_up(
+    exc: measure.RunFailed, url: str, options: tuple[str, ...], missing: int, journal_mode: str | None = None
+) -> dict[str, Any]:
+    """What a run that gave up leaves in the results: call it once no one else writes (after the load)."""
+    return {
+        "exit": exc.code,
+        "rows_done": missing - measure.missing_rows(url),
+        "rows_to_insert": missing,
+        "lock_timeout": lock_timeout(options),
+        "options": list(options),
+        **({"journal_mode": journal_mode} if journal_mode else {}),
+        "message": exc.message,
+        "seconds": round(exc.seconds, 2),
+    }
+
+
+def describe_gave_up(record: dict[str, Any]) -> str:
+    """``gave up (exit 7) at --lock-timeout 10, 41,000 of 50,000 rows``."""
+    mode = f" in {record['journal_mode'].upper()} mode" if record.get("journal_mode") else ""
+    return (
+        f"gave up (exit {record['exit']}) at --lock-timeout {record['lock_timeout']:g}{mode}, "
+        f"{record['rows_done']:,} of {record['rows_to_insert']:,} rows"
+    )
 
 
 def _batch_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The figures the goals are judged on, over every repetition: median time, worst batch, largest RSS."""
-    return {
-        "seconds": round(statistics.median(r["seconds"] for r in runs), 3),
-        "inserted": runs[0]["inserted"],
-        "batches": max(r["batches"] for r in runs),
-        **{f"batch_seconds_{k}": max(r[f"batch_seconds_{k}"] or 0 for r in runs) for k in ("p50", "p99", "max")},
-        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-        "rss_mb_after_first_batch": max(r["rss_mb_after_first_batch"] or 0 for r in runs),
-        "rss_mb_after_last_batch": max(r["rss_mb_after_last_batch"] or 0 for r in runs),
-    }
+    """The figures the goals are judged on, each a spread over the runs (None where a run gave up)."""
+
+    def each(get: Callable[[dict[str, Any]], float | None], digits: int = 3) -> dict[str, Any]:
+        return spread([None if "gave_up" in r else get(r) for r in runs], digits)
+
+    keys = ("seconds", "batches", "batch_seconds_p50", "batch_seconds_p99", "batch_seconds_max", "peak_rss_mb")
+    figures: dict[str, Any] = {k: each(lambda r, k=k: r[k]) for k in keys}
+    for k in ("rss_mb_after_first_batch", "rss_mb_after_last_batch"):
+        figures[k] = each(lambda r, k=k: r[k], 1)
+    # Flat: the RSS after the last batch over the RSS after the first one, per run.
+    figures["rss_growth"] = each(lambda r: _ratio(r["rss_mb_after_last_batch"], r["rss_mb_after_first_batch"]))
+    return figures
 
 
 def _brief(run: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run.items() if k != "batch_trace"}
 
 
-def bench_backend(server: Server, plan: Plan) -> dict[str, Any]:
-    """Every measurement on one backend, shape after shape."""
-    shapes: dict[str, Any] = {}
+def bench_backend(server: Server, plan: Plan) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every measurement on one backend, shape after shape: yields each shape's figures as soon as they are
+    there (the caller writes them out), or its ``error`` when it failed (the bench goes on)."""
     previous: str | None = None
     for shape in plan.shapes:
-        with plan.phase(f"{server.backend} seed"):
-            source, seconds = server.seeded(plan.experiments, shape, previous)
-        plan.log(f"[{server.backend} {shape}] source ready in {seconds:.1f}s")
-        shapes[shape] = bench_shape(server, source, shape, plan)
-        shapes[shape]["seed_seconds"] = round(seconds, 1)
-        previous = source
-    return shapes
+        source: str | None = None
+        try:
+            if previous is None and shape != plan.shapes[0]:
+                raise RuntimeError(f"no source: seeding the {plan.shapes[0]} shape failed")
+            with plan.phase(f"{server.backend} seed"):
+                source, seconds = server.seeded(plan.experiments, shape, previous)
+            plan.log(f"[{server.backend} {shape}] source ready in {seconds:.1f}s")
+            result = bench_shape(server, source, shape, plan)
+            result["seed_seconds"] = round(seconds, 1)
+        except Exception as exc:  # noqa: BLE001 - recorded; the other shapes and backends go on
+            plan.log(f"[{server.backend} {shape}] failed: {type(exc).__name__}: {exc}")
+            result = {"error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+        previous = source or previous
+        yield shape, result
+
+
+def attempt(url: str, options: tuple[str, ...], missing: int, variant: str | None) -> dict[str, Any]:
+    """The batched run; a RunFailed propagates (the caller records it once nothing else writes)."""
+    run = measure.backfill_subprocess(url, *options, variant=variant)
+    if run["inserted"] != missing:
+        raise RuntimeError(f"the run inserted {run['inserted']} rows, expected {missing}")
+    return run
 
 
 def bench_shape(server: Server, source: str, shape: str, plan: Plan) -> dict[str, Any]:
     b, n = server.backend, plan.experiments
     expect = seed.expected(n, shape)
     tag = f"[{b} {shape}]"
-    floors: list[measure.Timed] = []
-    offlines: list[measure.Timed] = []
-    runs: list[dict[str, Any]] = []
-    finished: dict[str, dict[str, float]] = {}
+    pairs: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []  # per pair: the run's report, or {"gave_up": ...}
+    finished: list[dict[str, dict[str, float]] | None] = []  # per pair: medians per state and operation
 
-    def floor(offline: bool) -> None:
+    def floor(pair: dict[str, Any], offline: bool) -> None:
         db = server.fresh(source, "offline" if offline else "single")
-        (offlines if offline else floors).append(measure.single_statement(server.url_for(db), offline))
-        server.release(db)
+        try:
+            timed = measure.single_statement(server.url_for(db), offline)
+        finally:
+            server.release(db)
+        if timed.rows != expect.missing:
+            raise RuntimeError(f"{'--sql script' if offline else 'single'} inserted {timed.rows}, not {expect.missing}")
+        pair["offline_sql_seconds" if offline else "single_statement_seconds"] = round(timed.seconds, 4)
 
-    def run(last: bool) -> None:
+    def run(pair: dict[str, Any], i: int) -> None:
         db = server.fresh(source, "run")
-        runs.append(measure.backfill_subprocess(server.url_for(db), variant=plan.variant))
-        if last:
+        url = server.url_for(db)
+        try:
+            try:
+                report = attempt(url, (), expect.missing, plan.variant)
+            except measure.RunFailed as exc:
+                runs.append({"gave_up": gave_up(exc, url, (), expect.missing)})
+                finished.append(None)
+                pair["run_seconds"] = None
+                return
+            runs.append(report)
+            pair["run_seconds"] = report["seconds"]
             with plan.phase(f"{b} (d)+(e)"):
-                finished.update(_finished(server, db, plan))
-        server.release(db)
+                finished.append(_finished(server, db, plan, i))
+        finally:
+            server.release(db)
 
     with plan.phase(f"{b} (a)+(b)"):
-        for i in range(plan.repeat):
-            steps = [lambda last=i == plan.repeat - 1: run(last), lambda: floor(False)]
-            if plan.offline and i == 0:  # once, beside the first pair
-                steps.append(lambda: floor(True))
-            for step in steps if i % 2 == 0 else reversed(steps):
-                step()
+        for i in range(plan.pairs):
+            pair: dict[str, Any] = {}
+            steps = ["run", "single", *(["offline"] if plan.offline else [])]
+            pair["order"] = steps if i % 2 == 0 else steps[::-1]
+            for step in pair["order"]:
+                if step == "run":
+                    run(pair, i)
+                else:
+                    floor(pair, offline=step == "offline")
+            pairs.append(pair)
+            last = runs[-1]
             plan.log(
-                f"{tag} run {runs[-1]['seconds']:.2f}s, single {floors[-1].seconds:.2f}s"
-                + (f", --sql script {offlines[-1].seconds:.2f}s" if i == 0 and offlines else "")
+                f"{tag} pair {i + 1}/{plan.pairs} ({' '.join(pair['order'])}): "
+                + (f"run {last['seconds']:.2f}s" if "gave_up" not in last else describe_gave_up(last["gave_up"]))
+                + f", single {pair['single_statement_seconds']:.2f}s"
+                + (f", --sql script {pair['offline_sql_seconds']:.2f}s" if plan.offline else "")
             )
-    for what, rows in [("run", r["inserted"]) for r in runs] + [("single", f.rows) for f in floors + offlines]:
-        if rows != expect.missing:
-            raise RuntimeError(f"{b} {shape}: {what} inserted {rows} rows, expected {expect.missing}")
+    done = [r for r in runs if "gave_up" not in r]
     result: dict[str, Any] = {
         "experiments": n,
         "tag_rows": expect.tag_rows,
         "gateway_experiments": expect.gateway,
         "rows_to_insert": expect.missing,
+        "pairs": pairs,
         "run": _batch_figures(runs),
         "runs": [_brief(r) for r in runs],
-        "batch_trace": runs[0]["batch_trace"],
-        "single_statement": {"rows": floors[0].rows, "seconds": [round(f.seconds, 4) for f in floors]},
-        # Throughput ratio (same rows inserted): per side-by-side pair, then the median of the pairs.
-        "batched_vs_single_statement_pairs": [
-            _ratio(f.seconds, r["seconds"]) for f, r in zip(floors, runs, strict=True)
-        ],
-        "batched_vs_single_statement": round(
-            statistics.median(f.seconds / r["seconds"] for f, r in zip(floors, runs, strict=True)), 3
-        ),
+        "batch_trace": done[0]["batch_trace"] if done else [],
+        "single_statement": {"rows": expect.missing, "seconds": [p["single_statement_seconds"] for p in pairs]},
+        # Throughput ratio (same rows inserted): one per side-by-side pair.
+        "batched_vs_single_statement": spread([_ratio(p["single_statement_seconds"], p["run_seconds"]) for p in pairs]),
         "finished_database": finished,
         **_yardstick_ratios(finished),
     }
-    if offlines:
-        result["offline_sql"] = {"rows": offlines[0].rows, "seconds": [round(f.seconds, 4) for f in offlines]}
-        # Measured once, beside the first pair: against that pair's run and floor.
-        result["batched_vs_offline_sql"] = _ratio(offlines[0].seconds, runs[0]["seconds"])
-        result["offline_sql_vs_single_statement"] = _ratio(floors[0].seconds, offlines[0].seconds)
+    if len(done) < len(runs):
+        result["gave_up"] = [r["gave_up"] for r in runs if "gave_up" in r]
+    if plan.offline:
+        result["offline_sql"] = {"rows": expect.missing, "seconds": [p["offline_sql_seconds"] for p in pairs]}
+        result["batched_vs_offline_sql"] = spread([_ratio(p["offline_sql_seconds"], p["run_seconds"]) for p in pairs])
+        result["offline_sql_vs_single_statement"] = spread(
+            [_ratio(p["single_statement_seconds"], p["offline_sql_seconds"]) for p in pairs]
+        )
     plan.log(
-        f"{tag} batched/single {result['batched_vs_single_statement']}, rerun/R1 {result['rerun_vs_R1']},"
-        f" verify/R1 {result['verify_vs_R1']}"
+        f"{tag} batched/single {_brief_spread(result['batched_vs_single_statement'])},"
+        f" rerun/R1 {_brief_spread(result['rerun_vs_R1'])}, verify/R1 {_brief_spread(result['verify_vs_R1'])}"
     )
     if plan.load:
         with plan.phase(f"{b} load"):
             result["under_load"] = _under_load(server, source, expect.missing, plan)
-        plan.log(f"{tag} under load: batch max {result['under_load']['run']['batch_seconds_max']}s")
+        load_run = result["under_load"].get("run")
+        plan.log(
+            f"{tag} under load: "
+            + (
+                f"batch max {load_run['batch_seconds_max']['median']}s"
+                if load_run
+                else describe_gave_up(result["under_load"]["gave_up"])
+            )
+        )
     if shape == seed.SHAPES[0] and plan.sweep_batch_sizes:
         with plan.phase(f"{b} sweep"):
             result["sweep"] = _sweep(server, source, expect.missing, plan)
@@ -175,71 +274,99 @@ def bench_shape(server: Server, source: str, shape: str, plan: Plan) -> dict[str
             "note": "EXTRAPOLATED from the sample to every active gateway experiment; deleted ones cannot be "
             "tagged through MLflow's API at all, and deeper OFFSET pages would cost more than the sample's",
         }
-        result["speedup_vs_mlflow_client"] = _ratio(total, result["run"]["seconds"])
+        median_run = result["run"]["seconds"]["median"]
+        result["speedup_vs_mlflow_client"] = spread([_ratio(total, median_run)], 1)
     return result
 
 
-def _finished(server: Server, db: str, plan: Plan) -> dict[str, dict[str, float]]:
-    """(d), (e) and status on the finished database with the statistics the run left, then all of them with
-    R0 and R1 on freshly analyzed statistics. SQLite keeps no statistics (MLflow never runs ANALYZE there,
-    and without sqlite_stat1 the planner's choices never change): one state, with R0 and R1."""
+def _brief_spread(figure: dict[str, Any]) -> str:
+    return f"{figure['median']} ({figure['min']}-{figure['max']})" if figure["n"] > 1 else str(figure["median"])
+
+
+def _finished(server: Server, db: str, plan: Plan, pair: int) -> dict[str, dict[str, float]]:
+    """(d), (e) and status on a pair's finished database with the statistics the run left, then all of them
+    with R0 and R1 on freshly analyzed statistics; medians per state and operation. SQLite keeps no
+    statistics (MLflow never runs ANALYZE there, and without sqlite_stat1 the planner's choices never
+    change): one state, with R0 and R1. The rounds' order alternates across pairs."""
     url = server.url_for(db)
+    first = pair * plan.rounds
     states = {}
     if server.family != "sqlite":
-        states["as_left"] = measure.finished_database(url, plan.rounds, analyze_first=False)
-    states["analyzed"] = measure.finished_database(url, plan.rounds, analyze_first=True)
-    return {state: {k: round(v, 4) for k, v in medians.items()} for state, medians in states.items()}
+        states["as_left"] = measure.finished_database(url, plan.rounds, analyze_first=False, first=first)
+    states["analyzed"] = measure.finished_database(url, plan.rounds, analyze_first=True, first=first)
+    return {
+        state: {op: round(statistics.median(times), 4) for op, times in ops.items()} for state, ops in states.items()
+    }
 
 
-def _yardstick_ratios(finished: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """The rerun, verify and status against R1 on freshly analyzed statistics (the yardstick) and against R0;
-    each in the worse of the two states (the run's statistics, or analyzed), with both states kept."""
-    fresh = finished["analyzed"]
-    out: dict[str, Any] = {"R1_vs_R0": _ratio(fresh["R1"], fresh["R0"])}
+def _yardstick_ratios(finished: list[dict[str, dict[str, float]] | None]) -> dict[str, Any]:
+    """The rerun, verify and status against R1 on freshly analyzed statistics (the yardstick) and against R0,
+    per pair; each pair's in the worse of the two states (the run's statistics, or analyzed), with both
+    states kept. Each a spread over the pairs."""
+
+    def per_pair(f: dict[str, dict[str, float]]) -> dict[str, Any]:
+        fresh = f["analyzed"]
+        out: dict[str, Any] = {"R1_vs_R0": _ratio(fresh["R1"], fresh["R0"])}
+        for op in ("rerun", "verify", "status"):
+            for ref in ("R1", "R0"):
+                by_state = {state: _ratio(medians[op], fresh[ref]) for state, medians in f.items()}
+                out[f"{op}_vs_{ref}"] = max(v for v in by_state.values() if v is not None)
+                out[f"{op}_vs_{ref}_by_state"] = by_state
+        return out
+
+    ratios = [per_pair(f) if f else None for f in finished]
+    states = next((list(f) for f in finished if f), ["analyzed"])
+    result: dict[str, Any] = {"R1_vs_R0": spread([r["R1_vs_R0"] if r else None for r in ratios])}
     for op in ("rerun", "verify", "status"):
         for ref in ("R1", "R0"):
-            per_state = {state: _ratio(medians[op], fresh[ref]) for state, medians in finished.items()}
-            out[f"{op}_vs_{ref}"] = max(per_state.values())
-            out[f"{op}_vs_{ref}_by_state"] = per_state
-    return out
+            key = f"{op}_vs_{ref}"
+            result[key] = spread([r[key] if r else None for r in ratios])
+            result[f"{key}_by_state"] = {
+                state: spread([r[f"{key}_by_state"][state] if r else None for r in ratios]) for state in states
+            }
+    return result
 
 
 def _under_load(server: Server, source: str, missing: int, plan: Plan) -> dict[str, Any]:
-    """The run at its defaults beside the load; should it give up (exit 7: on SQLite a UI list holds the
-    database's shared lock for longer than the default lock timeout), again with ``--lock-timeout 10``."""
+    """The run at its defaults beside the load; should it give up, the next of under_load_tries. Each try
+    that gave up is recorded (``tries``: every one; ``gave_up``: the last, when none finished)."""
     assert plan.load is not None
-    result: dict[str, Any] = {"load": plan.load.describe()}
-    try:
-        return {**result, **_loaded_run(server, source, missing, plan, ())}
-    except measure.RunFailed as exc:
-        if exc.code != ExitCode.STOPPED:
-            raise
-        result["defaults_failed"] = exc.message
-        plan.log(f"[{server.backend}] under load, at the defaults: {exc.message}")
-    return {**result, **_loaded_run(server, source, missing, plan, ("--lock-timeout", "10"))}
+    result: dict[str, Any] = {"load": plan.load.describe(), "tries": []}
+    for how in under_load_tries(server.family):
+        outcome = _loaded_run(server, source, missing, plan, how)
+        if "gave_up" not in outcome:
+            return {**result, **outcome}
+        record = outcome["gave_up"]
+        result["tries"].append(record)
+        plan.log(f"[{server.backend}] under load: {describe_gave_up(record)}: {record['message']}")
+        result.update(outcome)
+    return result
 
 
-def _loaded_run(server: Server, source: str, missing: int, plan: Plan, options: tuple[str, ...]) -> dict[str, Any]:
+def _loaded_run(server: Server, source: str, missing: int, plan: Plan, how: Try) -> dict[str, Any]:
     assert plan.load is not None
     db = server.fresh(source, "load")
     url = server.url_for(db)
+    failed: measure.RunFailed | None = None
     try:
+        if how.journal_mode:
+            measure.journal_mode(url, how.journal_mode)
         with Load(url, plan.load) as load:
             with load.window() as alone:
                 time.sleep(plan.load_alone_seconds)
             with load.window() as during:
-                run = measure.backfill_subprocess(url, *options, variant=plan.variant)
+                try:
+                    run = attempt(url, how.options, missing, plan.variant)
+                except measure.RunFailed as exc:
+                    failed = exc
+        figures: dict[str, Any] = {"options": list(how.options), "load_alone": alone, "load_during_run": during}
+        if how.journal_mode:
+            figures["journal_mode"] = how.journal_mode
+        if failed is not None:  # counted once the load has stopped
+            return {**figures, "gave_up": gave_up(failed, url, how.options, missing, how.journal_mode)}
     finally:
         server.release(db)
-    if run["inserted"] != missing:
-        raise RuntimeError(f"{server.backend} under load: the run inserted {run['inserted']}, expected {missing}")
-    return {
-        "options": list(options),
-        "run": _batch_figures([run]),
-        "batch_trace": run["batch_trace"],
-        "load_alone": alone,
-        "load_during_run": during,
-    }
+    return {**figures, "run": _batch_figures([run]), "batch_trace": run["batch_trace"]}
 
 
 def _sweep(server: Server, source: str, missing: int, plan: Plan) -> list[dict[str, Any]]:
