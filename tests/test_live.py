@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -24,7 +25,7 @@ from backfill.sql import LEDGER_TABLE, RUNS_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
 from backfill.urls import parse_url
 from backfill.walk import Settings
-from tests.conftest import Db, run_cli, start_cli
+from tests.conftest import REPO, Db, alembic, run_cli, start_cli
 from tests.mlflow_data import create_gateway_experiments, mlflow_store
 
 GATEWAY_IDS = range(100_000, 100_040)
@@ -358,38 +359,63 @@ def test_env_password_never_in_output(db: Db) -> None:
     assert sa.make_url(db.url).password not in result.stdout + result.stderr
 
 
-@pytest.mark.backends("postgresql", "mysql")
-def test_the_documented_privileges_are_enough(db: Db) -> None:
-    """docs/privileges.md's grants for `run` and `revert`, and no more."""
-    gateway(db)
+def documented_grants(dialect: str, role: str) -> list[str]:
+    """The GRANT statements of docs/privileges.md's ```sql <dialect> <role>``` block."""
+    text = (REPO / "docs" / "privileges.md").read_text()
+    blocks = re.findall(rf"```sql {dialect} {role}\n(.*?)```", text, re.S)
+    assert len(blocks) == 1, (dialect, role)
+    return [line.strip().rstrip(";") for line in blocks[0].splitlines() if line.strip()]
+
+
+def _documented_user(db: Db, role: str, admin_creates_tables: bool) -> str:
+    """A new user with exactly docs/privileges.md's grants for ``role``; returns its URL."""
     name, password = f"w_{uuid.uuid4().hex[:8]}", "pw-" + uuid.uuid4().hex[:8]
-    database = sa.make_url(db.url).database
+    database = sa.make_url(db.url).database or ""
     admin = sa.create_engine(db.url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        if db.dialect == "postgresql":
-            for grant in (
-                f"CREATE ROLE {name} LOGIN PASSWORD '{password}'",
-                f'GRANT CONNECT ON DATABASE "{database}" TO {name}',
-                f"GRANT USAGE, CREATE ON SCHEMA public TO {name}",
-                f"GRANT SELECT ON experiments, experiment_tags TO {name}",
-                f"GRANT INSERT, DELETE ON experiment_tags TO {name}",
-            ):
-                conn.execute(sa.text(grant))
-        else:  # table-level grants need existing tables: the admin creates the project's tables first
+        if admin_creates_tables:  # as `alembic upgrade head` or one `run` by the admin would
             from backfill.schema import metadata
 
             metadata.create_all(conn)
-            for grant in (
-                f"CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'",
-                f"GRANT SELECT ON `{database}`.experiments TO '{name}'@'%'",
-                f"GRANT SELECT, INSERT, DELETE ON `{database}`.experiment_tags TO '{name}'@'%'",
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{database}`.{RUNS_TABLE} TO '{name}'@'%'",
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{database}`.{LEDGER_TABLE} TO '{name}'@'%'",
-            ):
-                conn.execute(sa.text(grant))
+        if db.dialect == "postgresql":
+            conn.execute(sa.text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
+            user = name
+        else:
+            conn.execute(sa.text(f"CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'"))
+            user = f"'{name}'@'%'"
+        for grant in documented_grants(db.dialect, role):
+            conn.execute(sa.text(grant.replace("<user>", user).replace("<database>", database)))
     admin.dispose()
-    url = sa.make_url(db.url).set(username=name, password=password).render_as_string(hide_password=False)
-    for command in (["run"], ["verify"], ["status"], ["revert", "--yes"]):
-        result = _cli(url, *command)
+    return sa.make_url(db.url).set(username=name, password=password).render_as_string(hide_password=False)
+
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_the_documented_privileges_are_enough(db: Db) -> None:
+    """docs/privileges.md's grants, and no more, on tables an admin created: a writer runs and reverts, a
+    reader reads."""
+    gateway(db)
+    writer = _documented_user(db, "writer", admin_creates_tables=True)
+    for command in (["run"], ["revert", "--yes"], ["run"]):
+        result = _cli(writer, *command)
         assert result.returncode == 0, (command, result.stderr)
-    assert ours(db) == set() and not tagged(db)
+    assert ours(db) == set(GATEWAY_IDS) == tagged(db)
+    reader = _documented_user(db, "reader", admin_creates_tables=False)
+    for command in (["verify"], ["status"], ["run", "--dry-run"]):
+        result = _cli(reader, *command)
+        assert result.returncode == 0, (command, result.stderr)
+
+
+@pytest.mark.backends("postgresql")
+def test_the_documented_first_use_grants_are_enough(db: Db) -> None:
+    """PostgreSQL: a writer that may create tables in the schema makes the project's own on first use, and
+    Alembic's upgrade and downgrade work for it (it owns what it creates)."""
+    gateway(db)
+    writer = _documented_user(db, "first-use", admin_creates_tables=False)
+    for args in (["upgrade", "head"], ["downgrade", "base"], ["upgrade", "head"]):
+        result = alembic(writer, *args)
+        assert result.returncode == 0, (args, result.stderr)
+    assert ours(db) == set(GATEWAY_IDS) == tagged(db)
+    for command in (["revert", "--yes"], ["run"], ["status"]):
+        result = _cli(writer, *command)
+        assert result.returncode == 0, (command, result.stderr)
+    assert ours(db) == set(GATEWAY_IDS) == tagged(db)
