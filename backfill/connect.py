@@ -201,8 +201,9 @@ def _mysql_session(dbapi_connection, timeouts: Timeouts) -> None:  # type: ignor
     # READ COMMITTED: INSERT ... SELECT then takes no gap locks that would block MLflow's own inserts.
     cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
     cursor.close()
-    # From now on a read may take as long as a statement may; the watchdog still bounds it.
-    dbapi_connection._read_timeout = dbapi_connection._write_timeout = math.ceil(timeouts.deadline)
+    # From now on a read may take as long as a statement may: the watchdog bounds it (and tells a server that
+    # stopped answering from a transient failure); the socket's own timeout is only a backstop behind it.
+    dbapi_connection._read_timeout = dbapi_connection._write_timeout = math.ceil(timeouts.deadline) + 5
 
 
 def connect(engine: Engine, timeouts: Timeouts | None = None) -> Connection:

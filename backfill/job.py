@@ -183,10 +183,14 @@ class Backfill:
         who may not write (statements of the real ones' shape that match no row, rolled back)."""
         nothing = "nothing was removed" if revert else "nothing was written"
         with _before_writing(should_stop, f"{nothing}: {again} again to start"):
-            with self._replicas(target) as replicas:
-                if replicas:
-                    replicas.check(conn)
+            self.check_replicas(conn, target)
             self._retried(conn, lambda: self._probe(conn, target, revert), setting_up=True)
+
+    def check_replicas(self, conn: Connection, target: Target) -> None:
+        """Every replica URL answers and is a replica of this primary (else exit 2 or 3, nothing written)."""
+        with self._replicas(target) as replicas:
+            if replicas:
+                replicas.check(conn)
 
     @staticmethod
     def _probe(conn: Connection, target: Target, revert: bool) -> None:

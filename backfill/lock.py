@@ -167,37 +167,33 @@ class Lease(RunnerLock):
         self._start_heartbeat()
 
     def _ensure_row(self) -> None:
-        """The lease table and its row, created by the first runner ever (serialized on PostgreSQL by a
-        transaction-scoped advisory lock, which needs no session to survive)."""
-        if self._look_or_missing()[2] >= 0:
+        """The lease table and its row, made by the first runner ever (serialized on PostgreSQL by a
+        transaction-scoped advisory lock, which needs no session to survive). A table an admin created is
+        only given its row (which needs INSERT, not CREATE)."""
+        with reading(self.conn):
+            exists = sa.inspect(self.conn).has_table(sql.LOCK_TABLE, schema=self.target.schema)
+        if exists and self._look()[2] >= 0:
             return
         conn = self.conn
         try:
             with transaction(conn, self.target.sql.begin_write):
                 if self.target.dialect == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._key()})
-                self._table(conn).execute(CreateTable(lease, if_not_exists=True))
+                if not exists:
+                    self._table(conn).execute(CreateTable(lease, if_not_exists=True))
                 if self._table(conn).execute(sa.select(lease.c.name).where(lease.c.name == ROW)).first() is None:
                     self._table(conn).execute(lease.insert().values(name=ROW, renewals=0))
         except DBAPIError as exc:
             if mysql_errno(exc) == 1062 or sqlstate(exc) == "23505":
                 return  # another runner seeded the row at the same moment
-            if mysql_errno(exc) in (1142, 1044) or sqlstate(exc) == "42501":
+            if not exists and (mysql_errno(exc) in (1142, 1044) or sqlstate(exc) == "42501"):
                 raise BackfillError(
                     f"cannot create the project's lock table {sql.LOCK_TABLE} (permission denied): let an admin "
-                    "create the project's tables once (`alembic upgrade head`, or one `run`), then grant SELECT, "
-                    "INSERT, UPDATE on them (docs/privileges.md)",
+                    "create the project's tables once (`alembic upgrade head`, or one `run`), then grant the "
+                    "writer's privileges on them (docs/privileges.md)",
                     ExitCode.PERMISSION,
                 ) from None
             raise
-
-    def _look_or_missing(self) -> tuple[str | None, str | None, int]:
-        """As :meth:`_look`; renewals -1 when the table (or its row) does not exist yet."""
-        with reading(self.conn):
-            exists = sa.inspect(self.conn).has_table(sql.LOCK_TABLE, schema=self.target.schema)
-        if not exists:
-            return None, None, -1
-        return self._look()
 
     def _key(self) -> int:
         return sql.pg_lock_key(self.target.schema or "public")

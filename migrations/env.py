@@ -32,6 +32,7 @@ from backfill import signals
 from backfill.cli import TUNABLES, settings_from
 from backfill.connect import close, connect, create_engine, failure
 from backfill.errors import BackfillError, ExitCode
+from backfill.job import Backfill
 from backfill.lock import runner_lock
 from backfill.migration import KEY, Shared, job_connection, open_connection
 from backfill.retry import guard, limits
@@ -101,6 +102,8 @@ def _migrate(conn: Connection, settings: Settings, stack: ExitStack) -> None:
         conn.rollback()  # the inspection's reads; Alembic begins its own transaction
     if _changes_the_database():
         job_conn = stack.enter_context(job_connection(conn.engine, settings.timeouts))
+        # Replica URLs that are no replicas are refused before Alembic writes its version table.
+        Backfill(conn.engine, settings).check_replicas(job_conn, target)
         stop = stack.enter_context(signals.handled())
         lock = runner_lock(job_conn, target, lambda: open_connection(conn.engine, settings.timeouts))
         lock.acquire(stop)
