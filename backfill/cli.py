@@ -121,12 +121,28 @@ def replica_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def database_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option(
+        "--schema",
+        metavar="NAME",
+        expose_value=False,
+        callback=lambda ctx, _param, value: ctx.meta.__setitem__(SCHEMA, value),
+        help="PostgreSQL: the schema of MLflow's tables (default: where experiment_tags resolves through the "
+        "search_path). Works through any connection pooler, unlike ?options=-csearch_path.",
+    )(func)
     return click.option(
         "--database-url",
         metavar="URL",
         help="SQLAlchemy URL of the MLflow database. Default: $DATABASE_URL, else $MLFLOW_BACKEND_STORE_URI, "
         "else $MLFLOW_TRACKING_URI when it is a database URI, else sqlite:///mlflow.db.",
     )(func)
+
+
+SCHEMA = "mgb_schema"
+
+
+def _schema() -> str | None:
+    """The --schema of the command being run."""
+    return click.get_current_context().meta.get(SCHEMA)
 
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -189,7 +205,7 @@ def cli() -> None:
 
 def _job(database_url: str | None, timeouts: Timeouts, read_only: bool = False) -> Backfill:
     url = parse_url(resolve_url(database_url).url)
-    return Backfill(create_engine(url, timeouts, read_only=read_only), Settings(timeouts=timeouts))
+    return Backfill(create_engine(url, timeouts, read_only=read_only), Settings(timeouts=timeouts, schema=_schema()))
 
 
 def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
@@ -373,6 +389,7 @@ def run(
             max_rows_per_second=max_rows_per_second,
             adaptive=not fixed,
             timeouts=timeouts,
+            schema=_schema(),
             replicas=resolve_replicas(replica_urls),
             max_replica_lag=max_replica_lag,
             replica_timeout=replica_timeout,
@@ -564,6 +581,7 @@ def revert(
             batch_size=batch_size,
             sleep=sleep,
             timeouts=timeouts,
+            schema=_schema(),
             replicas=resolve_replicas(replica_urls),
             max_replica_lag=max_replica_lag,
             replica_timeout=replica_timeout,

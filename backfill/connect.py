@@ -1,9 +1,15 @@
-"""Engines and connections: the session settings of each dialect, and connection failures as one line.
+"""Engines, connections and transactions: each dialect's limits, and connection failures as one line.
 
 Every connection the tool makes is in autocommit mode: the job opens and ends its transactions with
 explicit statements (``BEGIN IMMEDIATE``, ``START TRANSACTION``, ``COMMIT``; see ``sql.py``), so the same
 code runs on its own connections and on the one Alembic shares with a revision inside
 ``autocommit_block()``.
+
+Nothing depends on a database session surviving, so that every guarantee holds through a connection pooler
+(PgBouncer in transaction pooling hands each transaction whichever server connection is free): on
+PostgreSQL the limits are set inside each transaction (:func:`pg_transaction_setup`), every read runs in a
+transaction of its own (:func:`reading`), no start-up parameter is sent but ``application_name`` and no
+statement is ever prepared on the server. The single-runner lock is a lease row (``lock.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +28,14 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from backfill import retry
 from backfill.errors import BackfillError, ExitCode, describe, driver_text
 from backfill.retry import Timeouts
-from backfill.urls import display, sqlite_path
+from backfill.urls import display, secrets, sqlite_path
 
 APPLICATION_NAME = "mlflow-gateway-backfill"
+
+
+def failure(exc: BaseException, url: URL, connecting: bool = False) -> BackfillError:
+    """What a failure of an operation on ``url`` means: one line (the password never shown) and an exit code."""
+    return describe(exc, display(url), secrets(url), connecting)
 
 
 def _sqlite_url(url: URL, read_only: bool) -> URL:
@@ -63,30 +74,85 @@ def _quiescent_wal_out_of_reach(path: str) -> bool:
     return is_wal and not os.path.exists(path + "-wal") and not os.access(directory, os.W_OK)
 
 
+def pg_options(raw: str) -> dict[str, str]:
+    """The settings of a libpq ``options`` value (``-c name=value``, ``-cname=value``, ``--name=value``; a
+    backslash escapes the next character), which the tool applies per transaction instead of at start-up."""
+    words, word, escaped = [], "", False
+    for ch in raw:
+        if escaped or (ch != "\\" and not ch.isspace()):
+            word, escaped = word + ch, False
+        elif ch == "\\":
+            escaped = True
+        elif word:
+            words, word = [*words, word], ""
+    words += [word] if word else []
+    settings: dict[str, str] = {}
+    rest = iter(words)
+    for w in rest:
+        body = next(rest, "") if w == "-c" else w[2:] if w.startswith(("-c", "--")) else ""
+        name, sep, value = body.partition("=")
+        if not (sep and name):
+            raise BackfillError(
+                f"?options= holds {w!r}, which the tool cannot apply: use -c name=value settings "
+                "(e.g. ?options=-csearch_path%3Dmlflow), or --schema to name MLflow's schema",
+                ExitCode.USAGE,
+            )
+        settings[name.replace("-", "_")] = value
+    return settings
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def pg_transaction_setup(timeouts: Timeouts, settings: dict[str, str] | None = None) -> str:
+    """What follows every ``BEGIN`` on PostgreSQL, in the same round trip: the limits and the URL's ``-c``
+    settings, local to the transaction (``set_config(..., true)`` is ``SET LOCAL``).
+
+    Per transaction, not per session, so that they hold through a transaction-pooling PgBouncer (where a
+    session's settings would stay on a server connection other clients then use, and the next transaction
+    may run on another one), and no start-up parameter is sent that a stock PgBouncer refuses.
+    """
+    values = {
+        **(settings or {}),
+        "lock_timeout": str(retry.seconds_ms(timeouts.lock)),
+        "statement_timeout": str(retry.seconds_ms(timeouts.statement)),
+    }
+    return "; SELECT " + ", ".join(f"set_config({_literal(k)}, {_literal(v)}, true)" for k, v in values.items())
+
+
 def create_engine(url: URL, timeouts: Timeouts | None = None, read_only: bool = False) -> Engine:
-    """An autocommit engine with the dialect's session limits applied on every connect, and the watchdog."""
+    """An autocommit engine with the dialect's limits (per transaction on PostgreSQL, per session on the MySQL
+    family, the busy timeout on SQLite) and the watchdog."""
     timeouts = timeouts or Timeouts()
     backend = url.get_backend_name()
     connect_args: dict = {}
+    setup = ""
     seconds = max(2, math.ceil(timeouts.connect))  # whole seconds; libpq treats less than 2 as 2
     if backend == "sqlite":
         url = _sqlite_url(url, read_only)
         connect_args["timeout"] = timeouts.lock  # the busy timeout
     elif backend == "postgresql":
-        # Given at start-up, so even the first statement runs under them, with no extra round trip.
-        limits = (
-            f"-c lock_timeout={retry.seconds_ms(timeouts.lock)}"
-            f" -c statement_timeout={retry.seconds_ms(timeouts.statement)}"
-        )
-        options = " ".join(filter(None, (url.query.get("options"), limits)))
-        connect_args.update(connect_timeout=seconds, options=options)
+        # The URL's ?options= (else libpq's $PGOPTIONS) are applied per transaction; options="" keeps libpq
+        # from sending $PGOPTIONS as a start-up parameter, which a stock PgBouncer refuses.
+        options = str(url.query.get("options", os.environ.get("PGOPTIONS", "")))
+        setup = pg_transaction_setup(timeouts, pg_options(options))
+        # No server-side prepared statement: one would outlive its transaction on a pooled server connection
+        # (psycopg prepares a statement run 5 times by default), and another client's would collide with ours.
+        connect_args.update(connect_timeout=seconds, prepare_threshold=None, options="")
         if "application_name" not in url.query:
             connect_args["application_name"] = APPLICATION_NAME
-        url = url.difference_update_query(["options"])
+        url = url.difference_update_query(["options", "prepare_threshold"])
     elif backend == "mysql":
         # The handshake reads under read_timeout: it is the connect timeout until the session is set up.
         connect_args.update(connect_timeout=seconds, read_timeout=seconds, write_timeout=seconds)
-    engine = sa.create_engine(url, connect_args=connect_args, isolation_level="AUTOCOMMIT", pool_pre_ping=False)
+    engine = sa.create_engine(
+        url,
+        connect_args=connect_args,
+        isolation_level="AUTOCOMMIT",
+        pool_pre_ping=False,
+        execution_options={SETUP: setup},
+    )
     if backend == "mysql":
         sa.event.listen(engine, "connect", lambda dbapi_connection, _record: _mysql_session(dbapi_connection, timeouts))
     sa.event.listen(engine, "begin", _explicit_begin)
@@ -95,28 +161,29 @@ def create_engine(url: URL, timeouts: Timeouts | None = None, read_only: bool = 
 
 
 BEGIN = {"postgresql": "BEGIN", "mysql": "START TRANSACTION", "sqlite": "BEGIN"}
+SETUP = "mgb_transaction_setup"  # the execution option holding what follows each BEGIN (PostgreSQL)
 
 
 def _explicit_begin(conn: Connection) -> None:
     """On a connection marked ``explicit_begin`` (Alembic's), a SQLAlchemy transaction is a real one.
 
     The engine is autocommit, which the job's batches need (they send their own BEGIN); Alembic's own
-    statements get a real transaction this way, on SQLite too (whose driver would otherwise begin one
-    only before INSERT, UPDATE and DELETE, leaving DDL outside it).
+    statements get a real transaction this way, under the same limits, on SQLite too (whose driver would
+    otherwise begin one only before INSERT, UPDATE and DELETE, leaving DDL outside it).
     """
     options = conn.get_execution_options()
     if options.get("explicit_begin") and options.get("isolation_level") != "AUTOCOMMIT":
-        conn.exec_driver_sql(BEGIN[conn.dialect.name])
+        conn.exec_driver_sql(BEGIN[conn.dialect.name] + options.get(SETUP, ""))
 
 
-def prepare_session(conn: Connection, timeouts: Timeouts) -> None:
-    """The session limits of :func:`create_engine`, on a connection of an engine the tool did not create
-    (an application's, handed to the Alembic revision): they last for that session."""
+def prepare_session(conn: Connection, timeouts: Timeouts) -> Connection:
+    """The limits of :func:`create_engine` on a connection of an engine the tool did not create (an
+    application's, handed to the Alembic revision): for every transaction the tool begins on it."""
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"SET lock_timeout = {retry.seconds_ms(timeouts.lock)}")
-        conn.exec_driver_sql(f"SET statement_timeout = {retry.seconds_ms(timeouts.statement)}")
-    elif conn.dialect.name == "mysql":
+        return conn.execution_options(**{SETUP: pg_transaction_setup(timeouts)})
+    if conn.dialect.name == "mysql":
         _mysql_session(conn.connection.dbapi_connection, timeouts)
+    return conn
 
 
 def _mysql_session(dbapi_connection, timeouts: Timeouts) -> None:  # type: ignore[no-untyped-def]
@@ -134,8 +201,9 @@ def _mysql_session(dbapi_connection, timeouts: Timeouts) -> None:  # type: ignor
     # READ COMMITTED: INSERT ... SELECT then takes no gap locks that would block MLflow's own inserts.
     cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
     cursor.close()
-    # From now on a read may take as long as a statement may; the watchdog still bounds it.
-    dbapi_connection._read_timeout = dbapi_connection._write_timeout = math.ceil(timeouts.deadline)
+    # From now on a read may take as long as a statement may: the watchdog bounds it (and tells a server that
+    # stopped answering from a transient failure); the socket's own timeout is only a backstop behind it.
+    dbapi_connection._read_timeout = dbapi_connection._write_timeout = math.ceil(timeouts.deadline) + 5
 
 
 def connect(engine: Engine, timeouts: Timeouts | None = None) -> Connection:
@@ -145,17 +213,20 @@ def connect(engine: Engine, timeouts: Timeouts | None = None) -> Connection:
     try:
         if timeouts is None:
             return engine.connect()
-        return retry.with_retries(timeouts, engine.connect, lambda: None, url, what="connecting")
+        return retry.with_retries(
+            timeouts, engine.connect, lambda: None, lambda e, c: failure(e, url, c), what="connecting"
+        )
     except BackfillError:
         raise
     except DBAPIError as exc:
         if _bad_parameter(exc):
             raise BackfillError(
-                f"the database URL has a parameter the driver rejects: {driver_text(exc, url)}", ExitCode.USAGE
+                f"the database URL has a parameter the driver rejects: {driver_text(exc, secrets(url))}",
+                ExitCode.USAGE,
             ) from None
-        raise describe(exc, url, connecting=True) from None
+        raise failure(exc, url, connecting=True) from None
     except SQLAlchemyError as exc:
-        raise describe(exc, url, connecting=True) from None
+        raise failure(exc, url, connecting=True) from None
     except UnicodeError:
         raise BackfillError(
             f"cannot connect to {display(url)}: the MySQL driver (PyMySQL) sends user names and passwords as "
@@ -177,7 +248,7 @@ def connect(engine: Engine, timeouts: Timeouts | None = None) -> Connection:
                 "'cryptography' package is missing (pip install 'PyMySQL[rsa]'), or use TLS",
                 ExitCode.CONNECT,
             ) from None
-        raise describe(exc, url, connecting=True) from None
+        raise failure(exc, url, connecting=True) from None
     except OSError as exc:
         raise BackfillError(f"cannot connect to {display(url)}: {exc.strerror or exc}", ExitCode.CONNECT) from None
 
@@ -190,13 +261,14 @@ def _bad_parameter(exc: DBAPIError) -> bool:
 
 @contextmanager
 def transaction(conn: Connection, begin: str) -> Iterator[None]:
-    """One database transaction on an autocommit connection: ``begin``, the block, ``COMMIT``.
+    """One database transaction on an autocommit connection: ``begin`` (with the dialect's per-transaction
+    setup, in the same round trip), the block, ``COMMIT``.
 
     On any failure the transaction is rolled back before the error goes on (SQLite keeps a transaction
     open after a failed COMMIT; a later BEGIN would fail with "cannot start a transaction within a
     transaction").
     """
-    conn.exec_driver_sql(begin)
+    conn.exec_driver_sql(begin + conn.get_execution_options().get(SETUP, ""))
     try:
         yield
         conn.exec_driver_sql("COMMIT")
@@ -205,12 +277,22 @@ def transaction(conn: Connection, begin: str) -> Iterator[None]:
         raise
 
 
+@contextmanager
+def reading(conn: Connection) -> Iterator[None]:
+    """Reads in a transaction of their own on PostgreSQL, so that the limits hold for them too (they are set
+    per transaction); elsewhere the session's limits apply and a read needs no transaction (and must not
+    take SQLite's write lock)."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    with transaction(conn, "BEGIN READ ONLY"):
+        yield
+
+
 def read_whole_table(conn: Connection, setup: tuple[str, ...], statement: str, params: dict[str, Any]) -> Any:
     """The scalar of a whole-table read (verify's count, the end-of-pass check), after the dialect's planner
     settings (``DialectSQL.whole_table_setup``) in a transaction of its own, so they end with it."""
-    if not setup:
-        return conn.execute(sa.text(statement), params).scalar()
-    with transaction(conn, "BEGIN"):
+    with reading(conn):
         for line in setup:
             conn.exec_driver_sql(line)
         return conn.execute(sa.text(statement), params).scalar()

@@ -2,14 +2,17 @@
 
 Every error a command can meet ends here. Driver errors are classified by their codes (SQLSTATE on
 PostgreSQL, the error number on the MySQL family), never by guessing from a message that may be
-translated; the driver's own text is appended only when it cannot contain the password.
+translated; the driver's own text is appended only when it cannot contain a secret.
+
+This module imports nothing else of the package: how a failure reads does not depend on the retry policy
+or on how URLs are parsed (the callers hand in the URL as it may be printed and the secrets to withhold).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import IntEnum
 
-from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 
@@ -18,7 +21,7 @@ class ExitCode(IntEnum):
 
     OK = 0
     MISSING = 1  # verify: gateway experiments still lack isGateway
-    USAGE = 2  # bad option or malformed / unsupported database URL
+    USAGE = 2  # bad option or malformed / unsupported database URL, or a pooler mode the tool cannot use
     CONNECT = 3  # cannot reach or log in to the database, or it stopped answering
     NOT_MLFLOW = 4  # not an MLflow database, or not the schema this tool knows
     PERMISSION = 5  # the database user lacks a privilege the command needs
@@ -59,14 +62,33 @@ _LOST = (
     "connection already closed",
     "bad file descriptor",
 )
+# PgBouncer in statement pooling mode refuses every transaction block (SQLSTATE 08P01, which would otherwise
+# read as a lost connection and be retried in vain).
+STATEMENT_POOLING = "transaction blocks not allowed in statement pooling mode"
+
+# Set on a driver exception raised because the watchdog (retry.py) cut its connection: the deadline in seconds.
+_CUT = "_mgb_cut_after"
 
 
-def driver_text(exc: BaseException, url: URL) -> str:
-    """The driver's message on one line, or nothing when it contains the password (then it is withheld)."""
+def mark_cut(exc: BaseException, seconds: float) -> None:
+    """Record on ``exc`` that the watchdog cut its connection after ``seconds``."""
+    setattr(exc, _CUT, seconds)
+
+
+def cut_by_watchdog(exc: BaseException) -> float | None:
+    """The deadline (seconds) after which the watchdog cut the connection that raised ``exc``, or None."""
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__, exc.__context__):
+        seconds = getattr(candidate, _CUT, None)
+        if seconds is not None:
+            return float(seconds)
+    return None
+
+
+def driver_text(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
+    """The driver's message on one line, or a note that it is withheld because it contains a secret."""
     orig = getattr(exc, "orig", None) or exc
     text = " ".join(str(orig).split())
-    secrets = [s for s in (url.password, *url.query.values()) if isinstance(s, str) and s]
-    if any(s in text for s in secrets):
+    if any(s and s in text for s in secrets):
         return "(the driver's message is withheld: it contains the password)"
     return text[:300]
 
@@ -83,22 +105,33 @@ def sqlstate(exc: BaseException) -> str | None:
     return getattr(getattr(exc, "orig", None) or exc, "sqlstate", None)
 
 
-def describe(exc: BaseException, url: URL, connecting: bool = False) -> BackfillError:
-    """One line and an exit code for any failure of a database operation, the password never shown."""
+def statement_pooling(where: str) -> BackfillError:
+    return BackfillError(
+        f"{where} is a connection pooler in statement pooling mode, which allows no transaction: this tool "
+        "commits each batch as a transaction of several statements. Point the URL at a pool in transaction or "
+        "session mode (PgBouncer: pool_mode = transaction), or at the server itself; nothing was written",
+        ExitCode.USAGE,
+    )
+
+
+def describe(
+    exc: BaseException, where: str, secrets: Iterable[str | None] = (), connecting: bool = False
+) -> BackfillError:
+    """One line and an exit code for any failure of a database operation on ``where`` (the URL as it may be
+    printed); the driver's text is withheld if it contains one of ``secrets``."""
     if isinstance(exc, BackfillError):
         return exc
-    from backfill import retry  # the watchdog knows whether it cut this connection
-    from backfill.urls import display
-
-    where = display(url)
-    if retry.cut_by_watchdog(exc):
+    cut = cut_by_watchdog(exc)
+    if cut:
         return BackfillError(
-            f"cannot connect to {where}: the server did not answer within {retry.cut_by_watchdog(exc):g} s "
+            f"cannot connect to {where}: the server did not answer within {cut:g} s "
             "(frozen, overloaded or unreachable)",
             ExitCode.CONNECT,
         )
-    detail = driver_text(exc, url)
+    detail = driver_text(exc, secrets)
     lowered = detail.lower()
+    if STATEMENT_POOLING in lowered:
+        return statement_pooling(where)
     if "timeout expired" in lowered or "timed out" in lowered:
         return BackfillError(
             f"cannot connect to {where}: the server did not answer in time (frozen, overloaded or unreachable): "

@@ -1,10 +1,10 @@
 """The commands as a library: `status`, `verify`, `run` and `revert` on one database.
 
-Each opens a connection, finds and checks the MLflow tables (``schema.py``), and for the writing
-commands takes the single-runner lock (``lock.py``) before anything is written, the project's tables
-included; the batches themselves are in ``walk.py``. Every statement runs under the watchdog's limits
-(``retry.py``). Alembic's revision calls :meth:`Backfill.run_locked` / :meth:`Backfill.revert_locked`
-with the connection and lock its ``env.py`` already holds.
+Each opens a connection and finds and checks the MLflow tables (``schema.py``). The writing commands then
+check the read replicas and the user's privileges, take the single-runner lock (``lock.py``) and only then
+write; the batches themselves are in ``walk.py``. Every statement runs under the watchdog's limits
+(``retry.py``). Alembic's revision calls :meth:`Backfill.run_locked` / :meth:`Backfill.revert_locked` with
+the connection and lock its ``env.py`` already holds.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from backfill import record
-from backfill.connect import close, connect, create_engine, read_whole_table, recover, transaction
-from backfill.errors import BackfillError, ExitCode, describe
-from backfill.lock import RunnerLock
+from backfill import record, sql
+from backfill.connect import close, connect, create_engine, failure, read_whole_table, reading, recover
+from backfill.errors import BackfillError, ExitCode
+from backfill.lock import RunnerLock, runner_lock
 from backfill.replicas import Replicas
 from backfill.retry import limits, with_retries
 from backfill.schema import Target, inspect_target, ledger, metadata
 from backfill.urls import parse_url
-from backfill.walk import Progress, Report, RevertReport, RevertWalk, Settings, binds, stopped
+from backfill.walk import Progress, Report, RevertReport, RevertWalk, Settings, Walk, binds, stopped
 
 
 @dataclass
@@ -61,26 +61,33 @@ class Backfill:
         with limits(self.settings.timeouts):
             conn = connect(self.engine, self.settings.timeouts)
             try:
-                target = with_retries(
-                    self.settings.timeouts,
-                    lambda: inspect_target(conn),
-                    lambda: recover(conn),
-                    self.engine.url,
-                    what="connecting",
-                )
+                target = self._retried(conn, lambda: inspect_target(conn, self.settings.schema), setting_up=True)
                 yield conn, target
             except SQLAlchemyError as exc:
-                raise describe(exc, self.engine.url) from None
+                raise failure(exc, self.engine.url) from None
             finally:
                 close(conn)
 
-    def _retried(self, conn: Connection, step: Callable[[], Any]) -> Any:
-        return with_retries(self.settings.timeouts, step, lambda: recover(conn), self.engine.url)
+    def _retried(self, conn: Connection, step: Callable[[], Any], setting_up: bool = False) -> Any:
+        """``step`` with the retry policy; ``setting_up``: nothing is under way yet (a failure to reach the
+        server is then exit 3, not a resumable stop)."""
+        url = self.engine.url
+        return with_retries(
+            self.settings.timeouts,
+            step,
+            lambda: recover(conn),
+            lambda exc, _connecting: failure(exc, url),
+            what="setting up" if setting_up else "",
+        )
+
+    def lock(self, conn: Connection, target: Target) -> RunnerLock:
+        """The single-runner lock on ``conn`` (its heartbeat, if any, on a connection of its own)."""
+        return runner_lock(conn, target, lambda: connect(self.engine, self.settings.timeouts))
 
     # ---------------------------------------------------------------- read-only
 
     def status(self) -> Status:
-        with self.session() as (conn, target):
+        with self.session() as (conn, target), reading(conn):
             row = conn.execute(sa.text(target.sql.status), binds()).one()
             gateway, deleted, tagged, missing, orphans = (int(v or 0) for v in row)
             inserted = last = None
@@ -96,7 +103,6 @@ class Backfill:
         many gateway experiments does it show without isGateway? Read-only on both sides."""
         if not urls:
             return []
-        report = []
         with self.session() as (conn, target), self._replicas(target, urls) as replicas:
             assert replicas is not None
             self._retried(conn, lambda: replicas.note(conn))
@@ -105,21 +111,17 @@ class Backfill:
             while any(lag.pending or lag.reason for lag in lags) and time.monotonic() < deadline:
                 time.sleep(0.1)
                 lags = replicas.measure()
+        report = []
         for url, lag in zip(urls, lags, strict=True):
             replica = Backfill(create_engine(parse_url(url), self.settings.timeouts, read_only=True), self.settings)
             try:
                 missing: int | None = replica.missing()
             except BackfillError as exc:
-                missing = None
-                lag = dataclasses.replace(lag, reason=lag.reason or str(exc))
+                missing, lag = None, dataclasses.replace(lag, reason=lag.reason or str(exc))
+            caught_up = not lag.pending and not lag.reason
             report.append(
-                {
-                    "replica": lag.replica,
-                    "caught_up": not lag.pending and not lag.reason,
-                    "lag_seconds": round(lag.seconds, 2),
-                    "missing": missing,
-                    "reason": lag.reason,
-                }
+                {"replica": lag.replica, "caught_up": caught_up, "lag_seconds": round(lag.seconds, 2)}
+                | {"missing": missing, "reason": lag.reason}
             )
         return report
 
@@ -141,8 +143,10 @@ class Backfill:
         if dry_run:
             would = self.missing()
             return Report(None, "dry-run", True, False, 0, would, 0, 0, 0, time.monotonic() - started)
-        with self.session() as (conn, target), RunnerLock(conn, target) as lock:
-            return self.run_locked(conn, target, lock, progress, should_stop)
+        with self.session() as (conn, target):
+            self._check_before_writing(conn, target, should_stop, "`run`")
+            with self.lock(conn, target) as lock:
+                return self._run(conn, target, lock, progress, should_stop, "`run`")
 
     def run_locked(
         self,
@@ -155,13 +159,63 @@ class Backfill:
     ) -> Report:
         """`run` on a connection that holds the lock (the Alembic revision's way in). ``again``: the command
         that resumes, for the message of a stop."""
-        from backfill.walk import Walk
+        self._check_before_writing(conn, target, should_stop, again)
+        return self._run(conn, target, lock, progress, should_stop, again)
 
+    def _run(
+        self,
+        conn: Connection,
+        target: Target,
+        lock: RunnerLock,
+        progress: Progress | None,
+        should_stop: Callable[[], bool],
+        again: str,
+    ) -> Report:
         with _before_writing(should_stop, f"nothing was written: {again} again to start"):
-            self._retried(conn, lambda: self._probe(conn, target.sql.begin_write, target.sql.probe_run))
-            target = self._retried(conn, lambda: self._ensure_tables(conn, target))
+            target = self._retried(conn, lambda: self._ensure_tables(lock, target))
         with self._replicas(target) as replicas:
             return Walk(conn, target, lock, self.settings, should_stop, again, replicas, progress).run()
+
+    def _check_before_writing(
+        self, conn: Connection, target: Target, should_stop: Callable[[], bool], again: str, revert: bool = False
+    ) -> None:
+        """Fail before anything is written: a replica URL that is not a replica of this primary, or a user
+        who may not write (statements of the real ones' shape that match no row, rolled back)."""
+        nothing = "nothing was removed" if revert else "nothing was written"
+        with _before_writing(should_stop, f"{nothing}: {again} again to start"):
+            self.check_replicas(conn, target)
+            self._retried(conn, lambda: self._probe(conn, target, revert), setting_up=True)
+
+    def check_replicas(self, conn: Connection, target: Target) -> None:
+        """Every replica URL answers and is a replica of this primary (else exit 2 or 3, nothing written)."""
+        with self._replicas(target) as replicas:
+            if replicas:
+                replicas.check(conn)
+
+    @staticmethod
+    def _probe(conn: Connection, target: Target, revert: bool) -> None:
+        conn.exec_driver_sql(target.sql.begin_write)
+        try:
+            for statement in target.sql.probes(revert, target.existing):
+                conn.execute(sa.text(statement))
+            if target.has_runs and target.sql.sequence_check:
+                if conn.execute(sa.text(target.sql.sequence_check)).scalar() is False:
+                    raise BackfillError(
+                        f"permission denied on the sequence of {target.prefix}{sql.RUNS_TABLE}.id: `run` and "
+                        "`revert` record each run there (GRANT USAGE ON SEQUENCE "
+                        f"{target.prefix}{sql.RUNS_TABLE}_id_seq TO <user>; docs/privileges.md)",
+                        ExitCode.PERMISSION,
+                    )
+        finally:
+            recover(conn)
+
+    @staticmethod
+    def _ensure_tables(lock: RunnerLock, target: Target) -> Target:
+        if target.has_runs and target.has_ledger:
+            return target
+        with lock.write():
+            metadata.create_all(target.tables(lock.conn), checkfirst=True)
+        return dataclasses.replace(target, has_runs=True, has_ledger=True, has_lease=True)
 
     @contextmanager
     def _replicas(self, target: Target, urls: list[str] | None = None) -> Iterator[Replicas | None]:
@@ -172,36 +226,12 @@ class Backfill:
             return
         if target.dialect == "sqlite":
             raise BackfillError("SQLite has no read replicas: drop --replica-url", ExitCode.USAGE)
-        replicas = Replicas(
-            urls,
-            target.flavor,
-            self.settings.timeouts,
-            self.settings.max_replica_lag,
-            self.settings.replica_timeout,
-        )
+        s = self.settings
+        replicas = Replicas(urls, target.flavor, s.timeouts, s.max_replica_lag, s.replica_timeout)
         try:
             yield replicas
         finally:
             replicas.close()
-
-    @staticmethod
-    def _probe(conn: Connection, begin: str, statements: tuple[str, ...]) -> None:
-        """Fail before anything is written when the user may not write (statements that match no row,
-        rolled back)."""
-        conn.exec_driver_sql(begin)
-        try:
-            for statement in statements:
-                conn.execute(sa.text(statement))
-        finally:
-            recover(conn)
-
-    @staticmethod
-    def _ensure_tables(conn: Connection, target: Target) -> Target:
-        if target.has_runs and target.has_ledger:
-            return target
-        with transaction(conn, target.sql.begin_write):
-            metadata.create_all(target.tables(conn), checkfirst=True)
-        return dataclasses.replace(target, has_runs=True, has_ledger=True)
 
     # ---------------------------------------------------------------- revert
 
@@ -210,8 +240,9 @@ class Backfill:
         with self.session() as (conn, target):
             if not target.has_ledger:
                 return RevertReport(0, 0, 0.0)
-            with RunnerLock(conn, target) as lock:
-                return self.revert_locked(conn, target, lock, should_stop)
+            self._check_before_writing(conn, target, should_stop, "`revert`", revert=True)
+            with self.lock(conn, target) as lock:
+                return self._revert(conn, target, lock, should_stop, "`revert`")
 
     def revert_locked(
         self,
@@ -224,8 +255,12 @@ class Backfill:
         """`revert` on a connection that holds the lock. Needs only the ledger (not the runs table)."""
         if not target.has_ledger:
             return RevertReport(0, 0, 0.0)
-        with _before_writing(should_stop, f"nothing was removed: {again} again to start"):
-            self._retried(conn, lambda: self._probe(conn, target.sql.begin_write, target.sql.probe_revert))
+        self._check_before_writing(conn, target, should_stop, again, revert=True)
+        return self._revert(conn, target, lock, should_stop, again)
+
+    def _revert(
+        self, conn: Connection, target: Target, lock: RunnerLock, should_stop: Callable[[], bool], again: str
+    ) -> RevertReport:
         with self._replicas(target) as replicas:
             return RevertWalk(conn, target, lock, self.settings, should_stop, again, replicas).run()
 
@@ -233,7 +268,8 @@ class Backfill:
         """How many rows the ledger still lists (a ledger that lists rows is never dropped)."""
         if not target.has_ledger:
             return 0
-        return int(target.tables(conn).execute(sa.select(sa.func.count()).select_from(ledger)).scalar_one())
+        with reading(conn):
+            return int(target.tables(conn).execute(sa.select(sa.func.count()).select_from(ledger)).scalar_one())
 
 
 @contextmanager

@@ -40,15 +40,17 @@ class Shared:
         return Backfill(self.conn.engine, self.settings)
 
 
+def open_connection(engine: Engine, timeouts: Timeouts) -> Connection:
+    """An autocommit connection for the batches (and the lease's heartbeat): of the tool's own engine, or of
+    an application's engine (then with the tool's limits applied to the transactions it begins)."""
+    if getattr(engine, "_mgb_owned", False):
+        return connect(engine, timeouts)
+    return prepare_session(engine.connect().execution_options(isolation_level="AUTOCOMMIT"), timeouts)
+
+
 @contextmanager
 def job_connection(engine: Engine, timeouts: Timeouts) -> Iterator[Connection]:
-    """An autocommit connection for the batches: of the tool's own engine, or of an application's engine
-    (then with the tool's session limits applied to it)."""
-    if getattr(engine, "_mgb_owned", False):
-        conn = connect(engine, timeouts)
-    else:
-        conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        prepare_session(conn, timeouts)
+    conn = open_connection(engine, timeouts)
     try:
         yield conn
     finally:

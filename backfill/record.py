@@ -3,6 +3,8 @@
 A batch moves its run's cursor in the batch's own transaction, so a run killed at any point, SIGKILL
 included, leaves whole batches and a cursor that agrees with them; the next `run` takes the latest
 unfinished run over (the single-runner lock guarantees nobody else is working on it) and resumes there.
+Every write goes through the lock's :meth:`~backfill.lock.RunnerLock.write`, which proves in the same
+transaction that this runner still holds the lock.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from backfill.connect import transaction
+from backfill.lock import RunnerLock
 from backfill.schema import Target, runs
 
 
@@ -34,11 +36,11 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-def claim(conn: Connection, target: Target, state: str) -> Claim:
+def claim(lock: RunnerLock, state: str) -> Claim:
     """Record a ``running`` run (taking over the latest unfinished one) or a ``reverting`` one."""
-    c = target.tables(conn)
+    c = lock.target.tables(lock.conn)
     host, pid, now = socket.gethostname(), os.getpid(), now_ns()
-    with transaction(conn, target.sql.begin_write):
+    with lock.write():
         last = None
         if state == "running":
             last = (
@@ -71,31 +73,32 @@ def advance(conn: Connection, target: Target, run_id: int, last_id: int, added: 
     )
 
 
-def start_pass(conn: Connection, target: Target, run_id: int) -> None:
+def start_pass(lock: RunnerLock, run_id: int) -> None:
     """A new walk from the first experiment still missing the tag (no cursor: a resume looks it up again)."""
-    with transaction(conn, target.sql.begin_write):
-        target.tables(conn).execute(
+    with lock.write():
+        lock.target.tables(lock.conn).execute(
             runs.update()
             .where(runs.c.id == run_id)
             .values(last_id=None, passes=runs.c.passes + 1, updated_at_ns=now_ns())
         )
 
 
-def finish(conn: Connection, target: Target, run_id: int, state: str, message: str | None) -> None:
+def finish(lock: RunnerLock, run_id: int, state: str, message: str | None) -> None:
     """``done`` (the cursor is cleared), ``stopped`` (resumable) or ``reverted``."""
     values: dict[str, Any] = {"state": state, "updated_at_ns": now_ns(), "message": message}
     if state == "done":
         values["last_id"] = None
-    with transaction(conn, target.sql.begin_write):
-        target.tables(conn).execute(runs.update().where(runs.c.id == run_id).values(**values))
+    with lock.write():
+        lock.target.tables(lock.conn).execute(runs.update().where(runs.c.id == run_id).values(**values))
 
 
-def mark_reverted(conn: Connection, target: Target) -> None:
+def mark_reverted(lock: RunnerLock) -> None:
     """After a complete revert nothing is left to resume: every run ends as ``reverted``."""
-    with transaction(conn, target.sql.begin_write):
-        target.tables(conn).execute(runs.update().values(state="reverted", updated_at_ns=now_ns()))
+    with lock.write():
+        lock.target.tables(lock.conn).execute(runs.update().values(state="reverted", updated_at_ns=now_ns()))
 
 
 def last_run(conn: Connection, target: Target) -> dict[str, Any] | None:
+    """The latest run's row (read in the caller's read transaction)."""
     row = target.tables(conn).execute(sa.select(runs).order_by(runs.c.id.desc()).limit(1)).mappings().first()
     return dict(row) if row else None

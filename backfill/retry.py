@@ -33,7 +33,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
-from backfill.errors import BackfillError, ExitCode, describe, mysql_errno, sqlstate
+from backfill.errors import STATEMENT_POOLING, BackfillError, ExitCode, cut_by_watchdog, mark_cut, mysql_errno, sqlstate
 
 T = TypeVar("T")
 
@@ -112,16 +112,6 @@ class _Watchdog:
 
 
 _watchdog = _Watchdog()
-_CUT = "_mgb_cut_after"  # set on a driver exception raised because the watchdog cut its connection
-
-
-def cut_by_watchdog(exc: BaseException) -> float | None:
-    """The deadline (seconds) after which the watchdog cut the connection that raised ``exc``, or None."""
-    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__, exc.__context__):
-        seconds = getattr(candidate, _CUT, None)
-        if seconds is not None:
-            return float(seconds)
-    return None
 
 
 def stopped_answering(engine: Engine) -> bool:
@@ -172,7 +162,7 @@ def _guarded(engine: Engine, dbapi_connection: Any, writes: bool, call: Callable
         return call()
     except BaseException as exc:
         if fired:
-            setattr(exc, _CUT, fired[0])
+            mark_cut(exc, fired[0])
         raise
     finally:
         for handle in handles:
@@ -238,9 +228,9 @@ def _patient_commit(commit: Callable[[Any], None]) -> Callable[[Any], None]:
 
 
 # lock_not_available, query_canceled (statement_timeout), deadlock, serialization failure, admin / crash
-# shutdown, the database system is starting up, too many connections, read-only transaction (a failover
-# in progress), idle-in-transaction timeout
-_PG_TRANSIENT = {"55P03", "57014", "40P01", "40001", "57P01", "57P02", "57P03", "53300", "25006", "25P03"}
+# shutdown, the database system is starting up, idle-session timeout, too many connections, read-only
+# transaction (a failover in progress), idle-in-transaction timeout
+_PG_TRANSIENT = {"55P03", "57014", "40P01", "40001", "57P01", "57P02", "57P03", "57P05", "53300", "25006", "25P03"}
 # lock wait timeout, deadlock, MySQL / MariaDB statement timeouts and KILL QUERY (1317), connection killed,
 # shutdown in progress, too many connections, cannot connect, server gone away, connection lost, and
 # duplicate key: only a batch's plain tag insert can raise it, when someone added one of its rows after
@@ -259,8 +249,8 @@ _TRANSIENT_TEXT = (
 
 def is_transient(exc: BaseException) -> bool:
     """Errors a smaller, later try may get past: lock and statement timeouts, deadlocks, lost connections."""
-    if not isinstance(exc, DBAPIError):
-        return False
+    if not isinstance(exc, DBAPIError) or STATEMENT_POOLING in str(exc.orig):
+        return False  # a pooler that allows no transaction will not allow one on the next try either
     if exc.connection_invalidated or cut_by_watchdog(exc):
         return True
     errno = mysql_errno(exc)
@@ -277,23 +267,30 @@ def with_retries(
     timeouts: Timeouts,
     step: Callable[[], T],
     recover: Callable[[], None],
-    url: Any,
+    explain: Callable[[BaseException, bool], BackfillError],
     before_retry: Callable[[], None] | None = None,
     what: str = "",
 ) -> T:
     """Run ``step``; after a transient error call ``recover`` (end the failed transaction) and
     ``before_retry`` (shrink the batch), back off exponentially with jitter and try again, at most
-    ``timeouts.retries`` more times. Then give up with exit 7 (nothing is half-written)."""
+    ``timeouts.retries`` more times. Then give up with exit 7 (nothing is half-written), or, for ``what``
+    (connecting or a set-up step before any write), with ``explain``'s code. ``explain(exc, connecting)``
+    says what a failure means (connect.failure)."""
 
     def retry(_state: object) -> None:
         recover()
         if before_retry is not None:
             before_retry()
 
+    def worth_another_try(exc: BaseException) -> bool:
+        # Before anything is under way, a server that stopped answering is not waited for again and again
+        # (each try would cost a whole deadline): that is exit 3 at once, as for `status`.
+        return is_transient(exc) and not (what and cut_by_watchdog(exc))
+
     retrying = Retrying(
         stop=stop_after_attempt(timeouts.retries + 1),
         wait=wait_exponential(multiplier=0.25, max=5) + wait_random(0, 0.05),
-        retry=retry_if_exception(is_transient),
+        retry=retry_if_exception(worth_another_try),
         before_sleep=retry,
         reraise=True,
     )
@@ -302,10 +299,12 @@ def with_retries(
     except DBAPIError as exc:
         recover()
         if is_transient(exc):
-            reason = describe(exc, url, connecting=bool(what))
+            reason = explain(exc, bool(what))
+            tries = retrying.statistics.get("attempt_number", 1) - 1
             if what:  # nothing was under way: the server could not be reached
-                raise BackfillError(f"{reason} (after {timeouts.retries} retries)", reason.code) from None
-            raise BackfillError(f"gave up after {timeouts.retries} retries ({reason})", ExitCode.STOPPED) from None
+                after = f" (after {tries} retries)" if tries else ""
+                raise BackfillError(f"{reason}{after}", reason.code) from None
+            raise BackfillError(f"gave up after {tries} retries ({reason})", ExitCode.STOPPED) from None
         raise
 
 

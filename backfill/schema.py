@@ -7,6 +7,11 @@ the tool works on (on PostgreSQL the schema ``experiment_tags`` resolves to thro
 * ``gateway_backfill_runs`` is the durable record of each run (cursor, counts, state): resume and audit.
 * ``gateway_backfill_rows`` is the ledger: one row per isGateway tag this project inserted, so that
   ``revert`` removes exactly those rows and never one that MLflow or a user wrote.
+* ``gateway_backfill_lock`` holds the single-runner lease (``lock.py``): one row.
+
+On PostgreSQL, ``--schema`` (Alembic: ``-x schema=``) names the MLflow tables' schema explicitly; without
+it, the schema is the one ``experiment_tags`` resolves to through the ``search_path`` (which may come from
+the URL's ``?options=-csearch_path%3D...``, applied in every transaction).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table
 from sqlalchemy.engine import Connection
 
 from backfill import sql
+from backfill.connect import reading
 from backfill.errors import BackfillError, ExitCode
 from backfill.urls import display
 
@@ -53,8 +59,19 @@ def ledger_columns() -> list[Column]:
     ]
 
 
+def lease_columns() -> list[Column]:
+    return [
+        Column("name", String(32), primary_key=True),  # one row, 'runner'
+        Column("owner", String(64), nullable=True),  # the holder's random token; NULL: free
+        Column("holder", String(255), nullable=True),  # host:pid of the holder, for messages
+        Column("renewals", BigInteger, nullable=False, default=0),  # moves with every renewal: the holder lives
+        Column("taken_at_ns", BigInteger, nullable=True),
+    ]
+
+
 runs = Table(sql.RUNS_TABLE, metadata, *runs_columns())
 ledger = Table(sql.LEDGER_TABLE, metadata, *ledger_columns())
+lease = Table(sql.LOCK_TABLE, metadata, *lease_columns())
 
 # What the tool relies on: these columns, and experiment_tags' primary key exactly (key, experiment_id).
 REQUIRED_COLUMNS = {
@@ -75,6 +92,13 @@ class Target:
     prefix: str  # how statements qualify table names: '"mlf".' or ''
     has_runs: bool
     has_ledger: bool
+    has_lease: bool = False
+
+    @property
+    def existing(self) -> set[str]:
+        """The project's tables that exist."""
+        found = {sql.RUNS_TABLE: self.has_runs, sql.LEDGER_TABLE: self.has_ledger, sql.LOCK_TABLE: self.has_lease}
+        return {name for name, exists in found.items() if exists}
 
     @property
     def sql(self) -> sql.DialectSQL:
@@ -85,36 +109,90 @@ class Target:
         return conn.execution_options(schema_translate_map={None: self.schema})
 
 
-def _pg_schema(conn: Connection) -> str | None:
-    row = conn.execute(
-        sa.text(
-            "SELECT n.nspname, to_regclass(quote_ident(n.nspname) || '.experiments') IS NOT NULL"
-            " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE c.oid = to_regclass('experiment_tags')"
-        )
-    ).first()
-    if row is None:
+def _pg_schema(conn: Connection, explicit: str | None) -> str | None:
+    """The schema of MLflow's tables: ``explicit``, else where ``experiment_tags`` resolves through the
+    search_path. A schema the user may not use is exit 5, not "not MLflow"."""
+    if explicit is not None:
+        row = conn.execute(
+            sa.text("SELECT has_schema_privilege(n.oid, 'USAGE') FROM pg_catalog.pg_namespace n WHERE n.nspname = :s"),
+            {"s": explicit},
+        ).first()
+        if row is None:
+            raise BackfillError(f"no schema {explicit!r} in this database (--schema)", ExitCode.NOT_MLFLOW)
+        if not row[0]:
+            raise _no_usage(explicit)
+        found = conn.execute(
+            sa.text("SELECT to_regclass(quote_ident(:s) || '.experiment_tags') IS NOT NULL"), {"s": explicit}
+        ).scalar()
+        schema = explicit if found else None
+    else:
+        schema = conn.execute(
+            sa.text(
+                "SELECT n.nspname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE c.oid = to_regclass('experiment_tags')"
+            )
+        ).scalar()
+    if schema is None:
+        # Not found: in a schema the user may not use (the search_path skips those), or elsewhere?
+        hidden = conn.execute(
+            sa.text(
+                "SELECT n.nspname, has_schema_privilege(n.oid, 'USAGE') FROM pg_catalog.pg_class c"
+                " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE c.relname = 'experiment_tags' AND c.relkind IN ('r', 'p') ORDER BY n.nspname"
+            )
+        ).all()
+        for name, usable in hidden:
+            if not usable and (explicit is None or name == explicit):
+                raise _no_usage(name)
+        if hidden and explicit is None:
+            raise BackfillError(
+                "no experiment_tags table on the search_path; MLflow's tables are in schema "
+                f"{hidden[0][0]!r}: add --schema {hidden[0][0]} (Alembic: -x schema={hidden[0][0]})",
+                ExitCode.NOT_MLFLOW,
+            )
         return None
-    if not row[1]:
+    if not conn.execute(
+        sa.text("SELECT to_regclass(quote_ident(:s) || '.experiments') IS NOT NULL"), {"s": schema}
+    ).scalar():
         raise BackfillError(
-            f"schema {row[0]!r} holds experiment_tags but not experiments: not an MLflow schema the tool knows "
-            "(set search_path, e.g. ?options=-csearch_path%3Dmlflow, to the schema of MLflow's tables)",
+            f"schema {schema!r} holds experiment_tags but not experiments: not an MLflow schema the tool knows "
+            "(name the schema of MLflow's tables with --schema)",
             ExitCode.NOT_MLFLOW,
         )
-    return str(row[0])
+    return str(schema)
 
 
-def inspect_target(conn: Connection) -> Target:
-    """Find the MLflow tables, check their shape, and see whether the project's tables exist.
+def _no_usage(schema: str) -> BackfillError:
+    return BackfillError(
+        f"permission denied: the database user lacks USAGE on schema {schema!r}, which holds MLflow's tables "
+        f"(GRANT USAGE ON SCHEMA {schema} TO <user>; docs/privileges.md)",
+        ExitCode.PERMISSION,
+    )
+
+
+def inspect_target(conn: Connection, schema: str | None = None) -> Target:
+    """Find the MLflow tables (on PostgreSQL in ``schema`` when given), check their shape, and see whether
+    the project's tables exist.
 
     Refuses (exit 4, nothing written) a database without MLflow's tables, or whose tables differ from
     the shape the tool relies on (an MLflow that was never upgraded, or a future one that changed them).
     """
+    with reading(conn):
+        return _inspect(conn, schema)
+
+
+def _inspect(conn: Connection, explicit: str | None) -> Target:
     dialect = conn.dialect.name
     schema = database = None
     flavor = dialect
+    if explicit is not None and dialect != "postgresql":
+        raise BackfillError(
+            "--schema names a PostgreSQL schema; on MySQL and MariaDB the URL's database is the schema, and SQLite "
+            "has none",
+            ExitCode.USAGE,
+        )
     if dialect == "postgresql":
-        schema = _pg_schema(conn)
+        schema = _pg_schema(conn, explicit)
     elif dialect == "mysql":
         database = conn.execute(sa.text("SELECT DATABASE()")).scalar()
         flavor = "mariadb" if getattr(conn.dialect, "is_mariadb", False) else "mysql"
@@ -127,7 +205,7 @@ def inspect_target(conn: Connection) -> Target:
     if missing:
         raise BackfillError(
             f"{where} is not an MLflow tracking database (no table {', '.join(missing)}"
-            + (" on the search_path" if dialect == "postgresql" else "")
+            + ((f" in schema {explicit!r}" if explicit else " on the search_path") if dialect == "postgresql" else "")
             + ")",
             ExitCode.NOT_MLFLOW,
         )
@@ -141,6 +219,7 @@ def inspect_target(conn: Connection) -> Target:
         prefix=prefix,
         has_runs=inspector.has_table(sql.RUNS_TABLE, schema=schema),
         has_ledger=inspector.has_table(sql.LEDGER_TABLE, schema=schema),
+        has_lease=inspector.has_table(sql.LOCK_TABLE, schema=schema),
     )
 
 

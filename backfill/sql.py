@@ -44,6 +44,7 @@ TRUE = "true"
 RUNS_TABLE = "gateway_backfill_runs"
 LEDGER_TABLE = "gateway_backfill_rows"
 VERSION_TABLE = "alembic_version_gateway_backfill"
+LOCK_TABLE = "gateway_backfill_lock"
 LOCK_NAME = "mlflow_gateway_backfill"
 
 # Names bound by every statement below (besides :lo, :hi, :n, :run, :now).
@@ -69,6 +70,16 @@ class DialectSQL:
     revert: tuple[str, str]  # tag rows, then ledger rows, of one keyset range of the ledger
     probe_run: tuple[str, ...]  # write nothing; fail at once when the user lacks a privilege `run` needs
     probe_revert: tuple[str, ...]
+    # The same for the project's tables, each when it exists: {table: (run's probes, revert's probes)}
+    probe_project: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+    # PostgreSQL: true when the user may draw run ids (the runs table's id sequence), which a zero-row probe
+    # cannot tell (nextval runs per row); None elsewhere
+    sequence_check: str | None
+
+    def probes(self, revert: bool, existing: set[str]) -> tuple[str, ...]:
+        """Every probe of `run` (or `revert`) on MLflow's tables and on those of the project's that exist."""
+        own = [statements[revert] for table, statements in self.probe_project.items() if table in existing]
+        return (self.probe_revert if revert else self.probe_run) + tuple(s for group in own for s in group)
 
 
 @dataclass(frozen=True)
@@ -79,11 +90,16 @@ class Names:
     experiments: str
     runs: str
     ledger: str
+    lease: str
 
     @classmethod
     def in_schema(cls, prefix: str = "") -> Names:
         return cls(
-            f"{prefix}experiment_tags", f"{prefix}experiments", f"{prefix}{RUNS_TABLE}", f"{prefix}{LEDGER_TABLE}"
+            f"{prefix}experiment_tags",
+            f"{prefix}experiments",
+            f"{prefix}{RUNS_TABLE}",
+            f"{prefix}{LEDGER_TABLE}",
+            f"{prefix}{LOCK_TABLE}",
         )
 
 
@@ -137,6 +153,10 @@ def _missing(dialect: str, t: Names, columns: str, bounded: bool, anti_join: boo
         f"{_range('s.experiment_id', bounded)}{_range('e.experiment_id', bounded)}"
         f" AND {_no_isgateway(dialect, t, bounded, anti_join)}"
     )
+
+
+def _quoted_literal(name: str) -> str:
+    return "'" + name.replace("'", "''") + "'"
 
 
 def _ledger_insert(t: Names) -> str:
@@ -237,15 +257,45 @@ def _status(dialect: str, t: Names) -> str:
 
 
 def _probes(dialect: str, t: Names) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Statements of the real ones' shape that match no row: privileges are checked, nothing is written."""
+    """Statements of the real ones' shape that match no row: privileges are checked, nothing is written.
+    Servers check privileges before they look for rows, so each fails at once where the real one would."""
     k = _key(dialect)
     insert = (
         f"INSERT INTO {t.tags} ({k}, value, experiment_id) SELECT s.{k}, s.value, s.experiment_id"
-        f" FROM {t.tags} s WHERE 1 = 0"
+        f" FROM {t.tags} s JOIN {t.experiments} e ON e.experiment_id = s.experiment_id WHERE 1 = 0"
     )
     if dialect != "mysql":
         insert += f" ON CONFLICT ({k}, experiment_id) DO NOTHING"
-    return (insert,), (f"DELETE FROM {t.tags} WHERE 1 = 0",)
+    delete = (
+        f"DELETE FROM {t.tags} WHERE 1 = 0 AND experiment_id IN (SELECT e.experiment_id FROM {t.experiments} e"
+        " WHERE 1 = 0)"
+    )
+    return (insert,), (delete,)
+
+
+def _probe_project(dialect: str, t: Names) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The probes of the project's tables: the runs table (a run record is written by both commands), the
+    ledger (run upserts into it, revert deletes from it) and the lease (renewed by both)."""
+    columns = "state, started_at_ns, updated_at_ns, passes, batches, inserted, host, pid"
+    record = (
+        f"INSERT INTO {t.runs} ({columns}) SELECT {columns} FROM {t.runs} WHERE 1 = 0",
+        f"UPDATE {t.runs} SET state = state WHERE 1 = 0",
+    )
+    ledger = (
+        f"{_ledger_insert(t)} SELECT experiment_id, experiment_created, run_id, inserted_at_ns FROM {t.ledger}"
+        " WHERE 1 = 0"
+        + (
+            " ON DUPLICATE KEY UPDATE run_id = 0"
+            if dialect == "mysql"
+            else " ON CONFLICT (experiment_id) DO UPDATE SET run_id = 0"
+        )
+    )
+    renew = (f"UPDATE {t.lease} SET renewals = renewals WHERE 1 = 0",)
+    return {
+        RUNS_TABLE: (record, record),
+        LEDGER_TABLE: ((ledger,), (f"DELETE FROM {t.ledger} WHERE 1 = 0",)),
+        LOCK_TABLE: (renew, renew),
+    }
 
 
 def statements(dialect: str, prefix: str = "") -> DialectSQL:
@@ -280,19 +330,22 @@ def statements(dialect: str, prefix: str = "") -> DialectSQL:
         ),
         revert=_revert(dialect, t, bounded=True),
         probe_run=run_probe,
-        probe_revert=(*revert_probe, f"DELETE FROM {t.ledger} WHERE 1 = 0"),
+        probe_revert=revert_probe,
+        probe_project=_probe_project(dialect, t),
+        sequence_check=(
+            "SELECT has_sequence_privilege(x.s, 'USAGE') OR has_sequence_privilege(x.s, 'UPDATE') FROM"
+            f" (SELECT pg_get_serial_sequence({_quoted_literal(t.runs)}, 'id') AS s) x"
+            if dialect == "postgresql"
+            else None
+        ),
     )
 
 
 def pg_lock_key(schema: str) -> int:
-    """pg_try_advisory_lock takes a bigint: a stable 63-bit number from the lock's name and the schema
-    (advisory locks are per database already; two MLflow schemas in one database are two locks)."""
+    """pg_advisory_xact_lock takes a bigint: a stable 63-bit number from the lock's name and the schema
+    (advisory locks are per database already; two MLflow schemas in one database are two locks). It only
+    serializes the creation of the lease table (lock.py); the lease itself is a row."""
     return int.from_bytes(hashlib.sha256(f"{LOCK_NAME}.{schema}".encode()).digest()[:8], "big") >> 1
-
-
-def mysql_lock_name(database: str) -> str:
-    """GET_LOCK names are server-wide and at most 64 characters on MySQL: the database's digest."""
-    return f"{LOCK_NAME}.{hashlib.sha256(database.encode()).hexdigest()[:32]}"
 
 
 def offline_backfill(dialect: str) -> tuple[str, ...]:

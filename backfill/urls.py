@@ -25,6 +25,12 @@ SUPPORTED = ("sqlite", "postgresql", "mysql")
 # SQLAlchemy, mysql:// mysqlclient): the retries, timeouts and watchdog rely on their error codes and
 # sockets, and they are what the tests prove.
 DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql"}
+_ENCODING_HINT = (
+    "; if the user or password holds any of @ / : ? # % [ ] or a space, percent-encode it "
+    "(@ is %40, / is %2F, : is %3A, ? is %3F, # is %23, % is %25, a space is %20)"
+)
+# Query parameters that carry a secret (libpq's and PyMySQL's names): withheld from every message.
+SECRET_PARAMETERS = ("password", "passwd", "sslpassword")
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def parse_url(raw: str) -> URL:
         shown = f" (scheme {scheme!r})" if scheme and scheme.isidentifier() else ""
         raise BackfillError(
             f"malformed database URL{shown}: expected e.g. postgresql://user:password@host:5432/mlflow "
-            "or sqlite:///path/to/mlflow.db",
+            f"or sqlite:///path/to/mlflow.db{_ENCODING_HINT if '@' in raw.partition('://')[2] else ''}",
             ExitCode.USAGE,
         ) from None
     backend = {"postgres": "postgresql", "mariadb": "mysql"}.get(url.get_backend_name(), url.get_backend_name())
@@ -94,10 +100,10 @@ def parse_url(raw: str) -> URL:
             ExitCode.USAGE,
         )
     if backend != "sqlite":
-        if url.host and ("@" in url.host or "/" in url.host):
+        # An unencoded '@' or '/' in the password moves the rest into the host or the database name.
+        if (url.host and ("@" in url.host or "/" in url.host)) or "@" in (url.database or ""):
             raise BackfillError(
-                "malformed database URL: the user or password holds an unencoded '@' or '/'; "
-                "percent-encode it (@ is %40, / is %2F, : is %3A)",
+                f"malformed database URL: the user or password holds an unencoded '@' or '/'{_ENCODING_HINT}",
                 ExitCode.USAGE,
             )
         if backend == "mysql" and not url.database:
@@ -128,3 +134,14 @@ def display(url: URL) -> str:
         return f"sqlite:///{sqlite_path(url) or ''}"
     shown = url.set(query={}).render_as_string(hide_password=True)
     return shown + ("?…" if url.query else "")
+
+
+def secrets(url: URL) -> tuple[str, ...]:
+    """What must never be printed: the URL's password and any secret query parameter."""
+    found = [url.password] if isinstance(url.password, str) and url.password else []
+    for name in SECRET_PARAMETERS:
+        value = url.query.get(name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, str) and v:
+                found.append(v)
+    return tuple(found)

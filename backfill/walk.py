@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from backfill import record, signals
-from backfill.connect import read_whole_table, recover, transaction
+from backfill.connect import failure, read_whole_table, reading, recover
 from backfill.errors import BackfillError, ExitCode
 from backfill.lock import RunnerLock
 from backfill.replicas import DEFAULT_MAX_LAG, DEFAULT_TIMEOUT, Lag, Replicas
@@ -49,6 +49,7 @@ class Settings:
     max_passes: int = 3
     adaptive: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
+    schema: str | None = None  # PostgreSQL: the MLflow tables' schema (default: the search_path's)
     replicas: tuple[str, ...] = ()  # URLs of read replicas to wait for (replicas.py)
     max_replica_lag: float = DEFAULT_MAX_LAG
     replica_timeout: float = DEFAULT_TIMEOUT
@@ -146,8 +147,9 @@ class _Walk:
         self.progress = progress or NoProgress()
 
     def _retried(self, step: Callable[[], Any], before_retry: Callable[[], None] | None = None) -> Any:
+        url = self.conn.engine.url
         return with_retries(
-            self.s.timeouts, step, lambda: recover(self.conn), self.conn.engine.url, before_retry=before_retry
+            self.s.timeouts, step, lambda: recover(self.conn), lambda e, c: failure(e, url, c), before_retry
         )
 
     def _stop_if_asked(self) -> None:
@@ -177,11 +179,13 @@ class Walk(_Walk):
 
     def run(self) -> Report:
         started = time.monotonic()
-        claim = self._retried(lambda: record.claim(self.conn, self.target, "running"))
+        claim = self._retried(lambda: record.claim(self.lock, "running"))
         self.run_id = claim.run_id
         inserted = batches = passes = 0
         lo: int | None = None
+        final_wait = False
         try:
+            self._note()  # a resumed run also waits until the replicas have what earlier invocations wrote
             lo = after(claim.last_id) if claim.last_id is not None else None
             if lo is None:
                 lo = self._next_pass()
@@ -217,6 +221,7 @@ class Walk(_Walk):
                         ExitCode.STOPPED,
                     )
                 self.progress.start(self._remaining(lo))
+            final_wait = True
             self._hold("after the last batch", everything=True)
             self._record_end("done", None)
         except BaseException as exc:
@@ -225,11 +230,14 @@ class Walk(_Walk):
                 self._record_end("stopped", str(error or exc)[:500] or type(exc).__name__)
             if error is not None and error.code in (ExitCode.STOPPED, ExitCode.LOCKED):
                 where = f"experiment id {lo}" if lo is not None else "the first experiment still missing the tag"
-                raise BackfillError(
-                    f"{error}; nothing is half-written: {inserted} rows inserted this time, "
-                    f"{self.again} again to resume from {where} (run {claim.run_id})",
-                    error.code,
-                ) from None
+                go_on = (
+                    f"every batch is written ({inserted} rows this time) but not yet on every replica: "
+                    f"{self.again} again waits for them"
+                    if final_wait
+                    else f"nothing is half-written: {inserted} rows inserted this time, "
+                    f"{self.again} again to resume from {where}"
+                )
+                raise BackfillError(f"{error}; {go_on} (run {claim.run_id})", error.code) from None
             raise
         finally:
             self.progress.close()
@@ -254,7 +262,7 @@ class Walk(_Walk):
             return  # the run row still says `running`; the next run takes it over all the same
         try:
             recover(self.conn)
-            record.finish(self.conn, self.target, self.run_id, state, message)
+            record.finish(self.lock, self.run_id, state, message)
         except Exception:  # noqa: BLE001 - the database may be gone (or, on SQLite, held by another writer):
             pass  # the run row then still says `running`, which the next run takes over all the same.
 
@@ -266,13 +274,17 @@ class Walk(_Walk):
         def find() -> int | None:
             first = read_whole_table(self.conn, self.sql.whole_table_setup, self.sql.first_missing, binds())
             if first is not None:
-                record.start_pass(self.conn, self.target, self.run_id or 0)
+                record.start_pass(self.lock, self.run_id or 0)
             return None if first is None else int(first)
 
         return self._retried(find)
 
     def _remaining(self, lo: int) -> int:
-        return int(self._retried(lambda: self.conn.execute(sa.text(self.sql.count_from), binds(lo=lo)).scalar_one()))
+        def count() -> int:
+            with reading(self.conn):
+                return int(self.conn.execute(sa.text(self.sql.count_from), binds(lo=lo)).scalar_one())
+
+        return int(self._retried(count))
 
     # -- one batch
 
@@ -281,9 +293,8 @@ class Walk(_Walk):
 
     def _step(self, lo: int) -> tuple[int, int, int, float] | None:
         conn = self.conn
-        self.lock.ensure()
         t0 = time.monotonic()
-        with transaction(conn, self.sql.begin_write):
+        with self.lock.write():
             hi, scanned = conn.execute(sa.text(self.sql.next_bound), binds(lo=lo, n=self.size)).one()
             if hi is None:
                 return None
@@ -333,7 +344,8 @@ class RevertWalk(_Walk):
         lo: int | None = INT64_MIN
         try:
             if target.has_runs:
-                claim = self._retried(lambda: record.claim(conn, target, "reverting"))
+                claim = self._retried(lambda: record.claim(self.lock, "reverting"))
+            self._note()  # a resumed revert also waits until the replicas have what earlier ones removed
             while lo is not None:
                 self._stop_if_asked()
                 self._hold("before the next batch")
@@ -349,13 +361,13 @@ class RevertWalk(_Walk):
                     time.sleep(self.s.sleep)
             self._hold("after the last batch", everything=True)
             if target.has_runs:
-                self._retried(lambda: record.mark_reverted(conn, target))
+                self._retried(lambda: record.mark_reverted(self.lock))
         except BaseException as exc:
             error = stopped(exc, self.should_stop)
             if claim is not None and not stopped_answering(conn.engine):
                 with signals.finishing(self.should_stop), suppress(Exception):
                     recover(conn)
-                    record.finish(conn, target, claim.run_id, "stopped", str(error or exc)[:500] or type(exc).__name__)
+                    record.finish(self.lock, claim.run_id, "stopped", str(error or exc)[:500] or type(exc).__name__)
             if error is not None and error.code == ExitCode.STOPPED:
                 raise BackfillError(
                     f"{error}; revert stopped: {removed} rows removed this time and the ledger lists the rest, "
@@ -368,8 +380,7 @@ class RevertWalk(_Walk):
     def _batch(self, lo: int) -> tuple[int, int] | None:
         """Delete the ledger's rows in the next keyset range; returns (upper end, tags deleted) or None."""
         conn = self.conn
-        self.lock.ensure()
-        with transaction(conn, self.sql.begin_write):
+        with self.lock.write():
             hi = conn.execute(sa.text(self.sql.revert_bound), {"lo": lo, "n": self.s.batch_size}).scalar()
             if hi is None:
                 return None

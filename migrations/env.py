@@ -19,6 +19,7 @@ signal ends the command the CLI's way (exit 7, resumable).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from contextlib import ExitStack
 
@@ -29,10 +30,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from backfill import signals
 from backfill.cli import TUNABLES, settings_from
-from backfill.connect import close, connect, create_engine
-from backfill.errors import BackfillError, ExitCode, describe
-from backfill.lock import RunnerLock
-from backfill.migration import KEY, Shared, job_connection
+from backfill.connect import close, connect, create_engine, failure
+from backfill.errors import BackfillError, ExitCode
+from backfill.job import Backfill
+from backfill.lock import runner_lock
+from backfill.migration import KEY, Shared, job_connection, open_connection
 from backfill.retry import guard, limits
 from backfill.schema import inspect_target
 from backfill.sql import VERSION_TABLE
@@ -40,13 +42,14 @@ from backfill.urls import parse_url, resolve_url
 from backfill.walk import Settings
 
 config = context.config
-X_KEYS = ("database-url", "replica-url", *TUNABLES)
+X_KEYS = ("database-url", "replica-url", "schema", *TUNABLES)
 
 
 def _x_arguments() -> tuple[str | None, Settings]:
     """``-x database-url=URL``, ``-x replica-url=URL`` (repeatable) and the tunables; an unknown key
     (``database_url``, a typo) is refused rather than ignored."""
     url, replicas, values = None, [], {}
+    schema: str | None = None
     for raw in context.get_x_argument(as_dictionary=False):
         key, sep, value = raw.partition("=")
         if not sep or key not in X_KEYS:
@@ -57,12 +60,14 @@ def _x_arguments() -> tuple[str | None, Settings]:
             url = value
         elif key == "replica-url":
             replicas.append(value)
+        elif key == "schema":
+            schema = value
         else:
             try:
                 values[key] = TUNABLES[key].convert(value, None, None)
             except click.BadParameter as exc:
                 raise BackfillError(f"-x {key}: {exc.message}", ExitCode.USAGE) from None
-    return url, settings_from(values, tuple(replicas))
+    return url, dataclasses.replace(settings_from(values, tuple(replicas)), schema=schema)
 
 
 def run_migrations_offline() -> None:
@@ -81,21 +86,28 @@ def run_migrations_offline() -> None:
 
 
 def _changes_the_database() -> bool:
-    """`alembic current`, `check` and the like only read the version table (and take no lock)."""
+    """Only a command with a destination revision (upgrade, downgrade, stamp) changes the database and takes
+    the lock. `alembic current`, `check` and an inspection run through ``EnvironmentContext(fn=...)`` (how
+    pytest-alembic asks for the current revision) only read the version table, and write nothing (not even
+    the lease table)."""
     proxy = getattr(context, "_proxy", None)
-    return not (proxy is not None and proxy.context_opts.get("dont_mutate"))
+    if proxy is None:
+        return True
+    return not proxy.context_opts.get("dont_mutate") and proxy.context_opts.get("destination_rev") is not None
 
 
 def _migrate(conn: Connection, settings: Settings, stack: ExitStack) -> None:
-    target = inspect_target(conn)  # before anything is written: a non-MLflow database gets nothing
+    target = inspect_target(conn, settings.schema)  # before anything is written: a non-MLflow database gets nothing
     if conn.in_transaction() and not isinstance(config.attributes.get("connection"), Connection):
         conn.rollback()  # the inspection's reads; Alembic begins its own transaction
     if _changes_the_database():
         job_conn = stack.enter_context(job_connection(conn.engine, settings.timeouts))
-        lock = RunnerLock(job_conn, target)
-        lock.acquire()
-        stack.callback(lock.release)
+        # Replica URLs that are no replicas are refused before Alembic writes its version table.
+        Backfill(conn.engine, settings).check_replicas(job_conn, target)
         stop = stack.enter_context(signals.handled())
+        lock = runner_lock(job_conn, target, lambda: open_connection(conn.engine, settings.timeouts))
+        lock.acquire(stop)
+        stack.callback(lock.release)
         config.attributes[KEY] = Shared(job_conn, target, lock, stop, settings)
     context.configure(connection=conn, version_table=VERSION_TABLE, version_table_schema=target.schema)
     with context.begin_transaction():
@@ -121,7 +133,7 @@ def run_migrations_online() -> None:
         try:
             _migrate(conn, settings, stack)
         except SQLAlchemyError as exc:
-            raise describe(exc, url) from None
+            raise failure(exc, url) from None
 
 
 def main() -> None:

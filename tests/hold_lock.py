@@ -7,14 +7,18 @@ import sys
 import time
 
 from backfill.connect import connect, create_engine
-from backfill.lock import RunnerLock
+from backfill.lock import runner_lock
+from backfill.retry import limits
 from backfill.schema import inspect_target
 from backfill.urls import parse_url
+from backfill.walk import Settings
 
 
 def main(url: str) -> None:
-    conn = connect(create_engine(parse_url(url)))
-    RunnerLock(conn, inspect_target(conn)).acquire()
+    engine = create_engine(parse_url(url))
+    conn = connect(engine)
+    with limits(Settings().timeouts):
+        runner_lock(conn, inspect_target(conn), lambda: connect(engine)).acquire()
     print("held", flush=True)
     while True:
         time.sleep(60)

@@ -23,6 +23,7 @@ class FreezingProxy:
         self.frozen = threading.Event()
         self.closed = threading.Event()
         self.sockets: list[socket.socket] = []
+        self.accepted = 0  # client connections, reconnections included
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -38,6 +39,7 @@ class FreezingProxy:
             except OSError:
                 return
             self.sockets.append(client)
+            self.accepted += 1
             if self.upstream is None:
                 continue  # accept, and never say a word
             server = socket.create_connection(self.upstream)

@@ -66,7 +66,7 @@ def _trigger(db: Db, postgresql: bytes, mysql: bytes) -> bytes:
         (["verify"], b"COUNT(*)", b"COUNT(*)"),
         (["run", "--dry-run"], b"COUNT(*)", b"COUNT(*)"),
         (["run"], b"pg_class", b"SELECT DATABASE()"),  # the schema check
-        (["run"], b"pg_try_advisory_lock", b"GET_LOCK"),  # the runner lock
+        (["run"], b"gateway_backfill_lock", b"gateway_backfill_lock"),  # the runner lock (its lease)
         (["run"], b"INSERT INTO", b"INSERT INTO"),  # a batch (or the privilege probe)
         (["revert", "--yes"], b"DELETE FROM", b"DELETE FROM"),
     ],
@@ -86,6 +86,22 @@ def test_a_server_that_stops_answering_mid_command(
     assert result.returncode in (ExitCode.CONNECT, ExitCode.STOPPED), result.stderr
     _one_line(result)
     assert "did not answer" in result.stderr or "resume" in result.stderr or "again" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["run"], ["revert", "--yes"], ["status"]])
+def test_a_server_that_stops_answering_before_any_write_is_given_up_at_once(db: Db, command: list[str]) -> None:
+    """Before anything is under way (the schema check), a server that stopped answering is exit 3 after one
+    deadline: it is not tried again on new connections at the default --retries 5, each of which would cost
+    a connect timeout (and, with the default limits, a run could wait minutes)."""
+    db.add_experiments([(e, "active", [(SRC, "GATEWAY")]) for e in range(1, 6)])
+    assert _cli("run", "--database-url", db.url, "-q").returncode == 0
+    with FreezingProxy(_upstream(db), trigger=_trigger(db, b"pg_class", b"SELECT DATABASE()")) as proxy:
+        result = _cli(*command, "--database-url", _through(proxy, db), *LIMITS)
+        assert proxy.frozen.is_set(), "the proxy never saw the statement it waits for"
+    assert result.returncode == ExitCode.CONNECT, result.stderr
+    _one_line(result)
+    assert "did not answer within" in result.stderr
+    assert proxy.accepted == 1, f"{proxy.accepted} connections: the frozen server was tried again"
 
 
 def test_alembic_on_a_server_that_stops_answering(db: Db) -> None:

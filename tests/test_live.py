@@ -20,12 +20,13 @@ from backfill.errors import BackfillError, ExitCode
 from backfill.job import Backfill
 from backfill.retry import Timeouts
 from backfill.sql import IS_GATEWAY_KEY as ISGW
-from backfill.sql import LEDGER_TABLE, RUNS_TABLE
+from backfill.sql import LEDGER_TABLE, LOCK_TABLE, RUNS_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
 from backfill.urls import parse_url
 from backfill.walk import Settings
-from tests.conftest import Db, run_cli, start_cli
+from tests.conftest import Db, alembic, run_cli, start_cli
 from tests.mlflow_data import create_gateway_experiments, mlflow_store
+from tests.privileges import documented_user
 
 GATEWAY_IDS = range(100_000, 100_040)
 
@@ -360,36 +361,78 @@ def test_env_password_never_in_output(db: Db) -> None:
 
 @pytest.mark.backends("postgresql", "mysql")
 def test_the_documented_privileges_are_enough(db: Db) -> None:
-    """docs/privileges.md's grants for `run` and `revert`, and no more."""
+    """docs/privileges.md's grants, and no more, on tables an admin created: a writer runs and reverts, a
+    reader reads."""
     gateway(db)
-    name, password = f"w_{uuid.uuid4().hex[:8]}", "pw-" + uuid.uuid4().hex[:8]
+    writer = documented_user(db, "writer", admin_creates_tables=True)
+    for command in (["run"], ["revert", "--yes"], ["run"]):
+        result = _cli(writer, *command)
+        assert result.returncode == 0, (command, result.stderr)
+    assert ours(db) == set(GATEWAY_IDS) == tagged(db)
+    reader = documented_user(db, "reader", admin_creates_tables=False)
+    for command in (["verify"], ["status"], ["run", "--dry-run"]):
+        result = _cli(reader, *command)
+        assert result.returncode == 0, (command, result.stderr)
+
+
+@pytest.mark.backends("postgresql")
+def test_the_documented_first_use_grants_are_enough(db: Db) -> None:
+    """PostgreSQL: a writer that may create tables in the schema makes the project's own on first use, and
+    Alembic's upgrade and downgrade work for it (it owns what it creates)."""
+    gateway(db)
+    writer = documented_user(db, "first-use", admin_creates_tables=False)
+    for args in (["upgrade", "head"], ["downgrade", "base"], ["upgrade", "head"]):
+        result = alembic(writer, *args)
+        assert result.returncode == 0, (args, result.stderr)
+    assert ours(db) == set(GATEWAY_IDS) == tagged(db)
+    for command in (["revert", "--yes"], ["run"], ["status"]):
+        result = _cli(writer, *command)
+        assert result.returncode == 0, (command, result.stderr)
+    assert ours(db) == set(GATEWAY_IDS) == tagged(db)
+
+
+@pytest.mark.backends("postgresql")
+def test_no_usage_on_the_schema_is_a_missing_privilege_not_a_missing_database(db: Db) -> None:
+    """Issue 17, item 6: the search_path skips a schema the user may not use, so MLflow's tables seem absent;
+    every command says it is a privilege (exit 5), and names the schema."""
+    gateway(db)
+    name, password = f"n_{uuid.uuid4().hex[:8]}", "pw-" + uuid.uuid4().hex[:8]
     database = sa.make_url(db.url).database
     admin = sa.create_engine(db.url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        if db.dialect == "postgresql":
-            for grant in (
-                f"CREATE ROLE {name} LOGIN PASSWORD '{password}'",
-                f'GRANT CONNECT ON DATABASE "{database}" TO {name}',
-                f"GRANT USAGE, CREATE ON SCHEMA public TO {name}",
-                f"GRANT SELECT ON experiments, experiment_tags TO {name}",
-                f"GRANT INSERT, DELETE ON experiment_tags TO {name}",
-            ):
-                conn.execute(sa.text(grant))
-        else:  # table-level grants need existing tables: the admin creates the project's tables first
-            from backfill.schema import metadata
-
-            metadata.create_all(conn)
-            for grant in (
-                f"CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'",
-                f"GRANT SELECT ON `{database}`.experiments TO '{name}'@'%'",
-                f"GRANT SELECT, INSERT, DELETE ON `{database}`.experiment_tags TO '{name}'@'%'",
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{database}`.{RUNS_TABLE} TO '{name}'@'%'",
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{database}`.{LEDGER_TABLE} TO '{name}'@'%'",
-            ):
-                conn.execute(sa.text(grant))
+        conn.execute(sa.text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
+        conn.execute(sa.text(f'GRANT CONNECT ON DATABASE "{database}" TO {name}'))
+        conn.execute(sa.text(f"REVOKE ALL ON SCHEMA public FROM PUBLIC, {name}"))
     admin.dispose()
     url = sa.make_url(db.url).set(username=name, password=password).render_as_string(hide_password=False)
-    for command in (["run"], ["verify"], ["status"], ["revert", "--yes"]):
+    for command in (["status"], ["verify"], ["run"], ["run", "--dry-run"], ["revert", "--yes"]):
         result = _cli(url, *command)
-        assert result.returncode == 0, (command, result.stderr)
-    assert ours(db) == set() and not tagged(db)
+        assert result.returncode == ExitCode.PERMISSION, (command, result.stderr)
+        assert "USAGE on schema 'public'" in result.stderr, result.stderr
+    explicit = _cli(url, "status", "--schema", "public")
+    assert explicit.returncode == ExitCode.PERMISSION, explicit.stderr
+    assert alembic(url, "upgrade", "head").returncode == ExitCode.PERMISSION
+
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_a_refused_run_writes_no_run_record(db: Db) -> None:
+    """Issue 17, item 12: a writer that lacks INSERT on the ledger is refused before anything is written
+    (exit 5): no run record, no lease taken, no tag."""
+    gateway(db)
+    url = documented_user(db, "writer", admin_creates_tables=True)
+    user = sa.make_url(url).username
+    revoke = (
+        f"REVOKE INSERT ON {LEDGER_TABLE} FROM {user}"
+        if db.dialect == "postgresql"
+        else f"REVOKE INSERT ON `{sa.make_url(db.url).database}`.{LEDGER_TABLE} FROM '{user}'@'%'"
+    )
+    admin = sa.create_engine(db.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(revoke))
+    admin.dispose()
+    tags = db.tags()
+    result = _cli(url, "run")
+    assert result.returncode == ExitCode.PERMISSION, result.stderr
+    assert LEDGER_TABLE in result.stderr
+    assert db.table(RUNS_TABLE) == [] and db.table(LEDGER_TABLE) == [] and db.tags() == tags
+    assert db.table(LOCK_TABLE) == []  # not even the lease's row

@@ -9,10 +9,10 @@ from the replica lists no gateway experiment once `run` returns.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +24,8 @@ from backfill.errors import ExitCode
 from backfill.sql import IS_GATEWAY_KEY as ISGW
 from backfill.sql import LEDGER_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
-from tests.conftest import REPO, Db, Server, run_cli
+from tests.conftest import REPO, Db, Server, alembic, run_cli, snapshot
+from tests.privileges import documented_user
 
 pytestmark = pytest.mark.backends("postgresql", "mysql")
 
@@ -245,37 +246,14 @@ def test_lag_is_measured_with_the_privileges_run_needs_and_no_more(pair: Pair, r
     from tests import backends
 
     db, replica_url = replicated
-    name, password = "lag_" + uuid.uuid4().hex[:6], "pw-" + uuid.uuid4().hex[:8]
-    database = sa.make_url(db.url).database
-    schema_objects = (
-        [
-            f"CREATE ROLE {name} LOGIN PASSWORD '{password}'",
-            f'GRANT CONNECT ON DATABASE "{database}" TO {name}',
-            f"GRANT USAGE, CREATE ON SCHEMA public TO {name}",
-            f"GRANT SELECT ON experiments, experiment_tags TO {name}",
-            f"GRANT INSERT ON experiment_tags TO {name}",
-        ]
-        if pair.dialect == "postgresql"
-        else [
-            f"CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'",
-            f"GRANT SELECT ON `{database}`.experiments TO '{name}'@'%'",
-            f"GRANT SELECT, INSERT ON `{database}`.experiment_tags TO '{name}'@'%'",
-            f"GRANT CREATE ON `{database}`.* TO '{name}'@'%'",
-        ]
-    )
-    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        for statement in schema_objects:
-            conn.execute(sa.text(statement))
-        if pair.dialect == "mysql":  # table grants need the tables: the admin makes them first
-            from backfill.schema import metadata
-
-            metadata.create_all(conn)
-            for table in ("gateway_backfill_runs", "gateway_backfill_rows"):
-                conn.execute(sa.text(f"GRANT SELECT, INSERT, UPDATE ON `{database}`.{table} TO '{name}'@'%'"))
+    user_url = documented_user(db, "writer", admin_creates_tables=True)
     backends.wait_for_replica(pair.primary, pair.replica)
 
     def as_user(url: str) -> str:
-        return sa.make_url(url).set(username=name, password=password).render_as_string(hide_password=False)
+        user = sa.make_url(user_url)
+        return (
+            sa.make_url(url).set(username=user.username, password=user.password).render_as_string(hide_password=False)
+        )
 
     backends.pause_replication(pair.replica)
     try:
@@ -286,3 +264,126 @@ def test_lag_is_measured_with_the_privileges_run_needs_and_no_more(pair: Pair, r
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     assert replica_tagged(replica_url) == set(range(1000, 1060))
+
+
+def _runs(db: Db) -> list[dict[str, Any]]:
+    with db.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.text("SELECT * FROM gateway_backfill_runs ORDER BY id")).mappings()]
+
+
+@pytest.mark.parametrize("command", ["run", "revert"])
+def test_a_stop_during_the_final_wait_is_not_done(pair: Pair, replicated: tuple[Db, str], command: str) -> None:
+    """Issue 17, item 1: a run (or revert) is done only once every replica has what it wrote. SIGTERM while it
+    waits after the last batch is exit 7, never `done`; a resumed run, even one with nothing left to write,
+    waits for the replica too, and times out (exit 7) while it still lags."""
+    from tests import backends
+
+    db, replica_url = replicated
+    if command == "revert":
+        assert run_cli("run", "--database-url", db.url, "--replica-url", replica_url, "-q").returncode == 0
+    backends.pause_replication(pair.replica)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backfill", command, "--database-url", db.url, "--replica-url", replica_url]
+            + ["--max-replica-lag", "600", "--json"]
+            + (["--yes"] if command == "revert" else []),
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 120
+        done = (
+            (lambda: db.table(LEDGER_TABLE) == [])
+            if command == "revert"
+            else (lambda: len(db.table(LEDGER_TABLE)) == 60)
+        )
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _read_until(proc.stderr, "waiting for replica")  # every batch committed: this is the final wait
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == ExitCode.STOPPED, err
+        assert "SIGTERM" in err and "replica" in err
+        if command == "run":
+            assert "again waits for them" in err
+            assert _runs(db)[-1]["state"] == "stopped"
+            again = run_cli(
+                "run", "--database-url", db.url, "--replica-url", replica_url, "--replica-timeout", "3", "-q"
+            )
+            assert again.returncode == ExitCode.STOPPED, again.stderr  # not "nothing to do", exit 0
+            assert "did not catch up" in again.stderr
+    finally:
+        backends.resume_replication(pair.replica)
+    final = run_cli(
+        command,
+        "--database-url",
+        db.url,
+        "--replica-url",
+        replica_url,
+        "-q",
+        *(["--yes"] if command == "revert" else []),
+    )
+    assert final.returncode == 0, final.stderr
+    assert replica_tagged(replica_url) == (set() if command == "revert" else set(range(1000, 1060)))
+
+
+def test_a_stop_while_held_between_batches_lets_no_batch_through(pair: Pair, replicated: tuple[Db, str]) -> None:
+    """Issue 17, item 1: SIGINT while the run is held on a lagging replica ends it there (exit 7), with no
+    further batch written."""
+    from tests import backends
+
+    db, replica_url = replicated
+    backends.pause_replication(pair.replica)
+    try:
+        proc = _start_held_run(db.url, replica_url)
+        _read_until(proc.stderr, "waiting for replica")
+        written = len(db.table(LEDGER_TABLE))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        backends.resume_replication(pair.replica)
+    assert proc.returncode == ExitCode.STOPPED, err
+    assert len(db.table(LEDGER_TABLE)) == written == 10
+
+
+@pytest.mark.backends("postgresql")
+def test_status_sees_a_caught_up_replica_on_a_quiet_primary_after_a_wal_switch(
+    pair: Pair, replicated: tuple[Db, str]
+) -> None:
+    """Issue 17, item 3: after a WAL segment switch on a quiet primary, pg_current_wal_insert_lsn() sits past
+    the new segment's header, where replay never gets: the standby is caught up all the same."""
+    from tests import backends
+
+    db, replica_url = replicated
+    admin = sa.create_engine(pair.url(pair.primary, "postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text("SELECT pg_switch_wal()"))
+        lsn = conn.execute(sa.text("SELECT CAST(pg_current_wal_insert_lsn() AS TEXT)")).scalar()
+    admin.dispose()
+    backends.wait_for_replica(pair.primary, pair.replica)
+    status = run_cli("status", "--database-url", db.url, "--replica-url", replica_url, "--json")
+    assert status.returncode == 0, status.stderr
+    replica = json.loads(status.stdout)["replicas"][0]
+    assert replica["caught_up"] is True, (lsn, replica)
+
+
+@pytest.mark.parametrize("command", [["run"], ["revert", "--yes"]])
+def test_a_replica_url_that_is_not_a_replica_is_refused_before_anything_is_written(
+    pair: Pair, replicated: tuple[Db, str], command: list[str]
+) -> None:
+    """Issue 17, item 5: the primary's own URL given as a replica (PostgreSQL: not in recovery; the MySQL
+    family: the same server), or a server of the other family, is refused before anything is written, by
+    `run`, `revert` and Alembic, instead of holding for --replica-timeout or failing after the writes."""
+    db, replica_url = replicated
+    if command[0] == "revert":
+        assert run_cli("run", "--database-url", db.url, "-q").returncode == 0
+    before = snapshot(db.url)
+    other = sa.make_url(replica_url).set(drivername="mysql+pymysql" if pair.dialect == "postgresql" else "postgresql")
+    for bad in (db.url, other.render_as_string(hide_password=False)):
+        result = run_cli(*command, "--database-url", db.url, "--replica-url", bad, "--connect-timeout", "2")
+        assert result.returncode in (ExitCode.USAGE, ExitCode.CONNECT), result.stderr
+        assert "nothing was written" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        up = alembic(db.url, "-x", f"replica-url={bad}", "upgrade", "head")
+        assert up.returncode in (ExitCode.USAGE, ExitCode.CONNECT), up.stderr
+        assert snapshot(db.url) == before

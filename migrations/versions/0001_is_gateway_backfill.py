@@ -6,8 +6,9 @@ lock ``env.py`` holds, so each batch commits on its own and a large table is nev
 transaction. Offline (``--sql``) it renders one idempotent statement set for the URL's dialect, without
 reading the database.
 
-The downgrade removes exactly the rows recorded in the ledger, then drops the project's tables; a ledger
-that still lists rows is never dropped. MLflow's own tables keep their structure either way.
+The downgrade removes exactly the rows recorded in the ledger, then drops the project's tables (the lease
+table too; a runner that holds the lease meanwhile is refused its next write); a ledger that still lists
+rows is never dropped. MLflow's own tables keep their structure either way.
 
 Revision ID: gateway_backfill_0001
 Revises:
@@ -22,7 +23,7 @@ import sqlalchemy as sa
 from alembic import context, op
 
 from backfill import migration, sql
-from backfill.schema import ledger, ledger_columns, runs, runs_columns
+from backfill.schema import lease, ledger, ledger_columns, runs, runs_columns
 
 revision = "gateway_backfill_0001"
 down_revision = None
@@ -52,11 +53,11 @@ def upgrade() -> None:
 def downgrade() -> None:
     if context.is_offline_mode():
         _execute_all(sql.offline_revert(op.get_context().dialect.name))
-        for table in (ledger, runs):
+        for table in (ledger, runs, lease):
             op.drop_table(table.name, if_exists=True)
         return
     with op.get_context().autocommit_block():
         migration.downgrade(context.config.attributes)
     schema = migration.shared(context.config.attributes).target.schema
-    for table in (ledger, runs):
+    for table in (ledger, runs, lease):  # the lease last: the lock is held until the command ends
         op.drop_table(table.name, schema=schema, if_exists=True)
