@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from backfill import retry
+from backfill import credentials, retry
 from backfill.errors import BackfillError, ExitCode, describe, driver_text
 from backfill.retry import Timeouts
 from backfill.urls import display, sqlite_path
@@ -87,6 +87,7 @@ def create_engine(url: URL, timeouts: Timeouts | None = None, read_only: bool = 
         # The handshake reads under read_timeout: it is the connect timeout until the session is set up.
         connect_args.update(connect_timeout=seconds, read_timeout=seconds, write_timeout=seconds)
     engine = sa.create_engine(url, connect_args=connect_args, isolation_level="AUTOCOMMIT", pool_pre_ping=False)
+    credentials.install(engine, timeouts.connect)  # a password file or command, MLflow's MySQL TLS variables
     if backend == "mysql":
         sa.event.listen(engine, "connect", lambda dbapi_connection, _record: _mysql_session(dbapi_connection, timeouts))
     sa.event.listen(engine, "begin", _explicit_begin)

@@ -61,11 +61,21 @@ _LOST = (
 )
 
 
+# Passwords obtained outside the URL (a password file or command: backfill/credentials.py).
+_withheld: set[str] = set()
+
+
+def withhold(secret: str) -> None:
+    """Treat ``secret`` like the URL's password: no message that contains it is shown."""
+    if secret:
+        _withheld.add(secret)
+
+
 def driver_text(exc: BaseException, url: URL) -> str:
     """The driver's message on one line, or nothing when it contains the password (then it is withheld)."""
     orig = getattr(exc, "orig", None) or exc
     text = " ".join(str(orig).split())
-    secrets = [s for s in (url.password, *url.query.values()) if isinstance(s, str) and s]
+    secrets = [s for s in (url.password, *url.query.values(), *_withheld) if isinstance(s, str) and s]
     if any(s in text for s in secrets):
         return "(the driver's message is withheld: it contains the password)"
     return text[:300]

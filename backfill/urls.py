@@ -121,10 +121,23 @@ def sqlite_path(url: URL) -> str | None:
     return database
 
 
+# What libpq takes from the environment for a part a postgresql:// URL leaves out (never PGPASSWORD).
+LIBPQ_VARIABLES = (("host", "PGHOST"), ("port", "PGPORT"), ("database", "PGDATABASE"), ("username", "PGUSER"))
+
+
 def display(url: URL) -> str:
     """The URL as it may be printed: no password, no query string (it may hold one, e.g. ``?password=``);
-    a SQLite database as the plain path it names."""
+    a SQLite database as the plain path it names; on PostgreSQL, the parts libpq takes from ``$PGHOST``,
+    ``$PGPORT``, ``$PGDATABASE`` and ``$PGUSER`` filled in and named (``postgresql://`` alone is valid)."""
     if url.get_backend_name() == "sqlite":
         return f"sqlite:///{sqlite_path(url) or ''}"
-    shown = url.set(query={}).render_as_string(hide_password=True)
-    return shown + ("?…" if url.query else "")
+    filled: dict[str, str | int] = {}
+    if url.get_backend_name() == "postgresql":
+        for part, variable in LIBPQ_VARIABLES:
+            value = os.environ.get(variable, "")
+            if getattr(url, part) is None and value and (part != "port" or value.isdigit()):
+                filled[part] = int(value) if part == "port" else value
+    shown = url.set(query={}, **filled).render_as_string(hide_password=True)  # type: ignore[arg-type]
+    shown += "?…" if url.query else ""
+    names = {part: variable for part, variable in LIBPQ_VARIABLES}
+    return shown + (f" ({', '.join('$' + names[part] for part in filled)} from the environment)" if filled else "")
