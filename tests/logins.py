@@ -29,10 +29,10 @@ class Login:
     @property
     def url(self) -> sa.URL:
         """The database URL with this user and no password."""
-        return sa.make_url(self.db.url).set(username=self.user, password=None)
+        return sa.make_url(self.db.url).set(username=self.user)._replace(password=None)  # set() ignores None
 
     def url_with(self, password: str | None) -> str:
-        return self.url.set(password=password).render_as_string(hide_password=False)
+        return self.url._replace(password=password).render_as_string(hide_password=False)
 
     @property
     def host(self) -> str:
