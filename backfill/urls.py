@@ -94,7 +94,11 @@ def parse_url(raw: str) -> URL:
             ExitCode.USAGE,
         )
     if backend != "sqlite":
-        if url.host and ("@" in url.host or "/" in url.host):
+        # More than one '@' before the path: one belongs to the user or password. SQLAlchemy would take the
+        # first for the separator, and a '/' after it for the start of the database name (so part of the
+        # password could end up shown as the host or the database).
+        authority = raw.split("://", 1)[-1].split("?", 1)[0]
+        if authority.count("@") > 1 or (url.host and ("@" in url.host or "/" in url.host)):
             raise BackfillError(
                 "malformed database URL: the user or password holds an unencoded '@' or '/'; "
                 "percent-encode it (@ is %40, / is %2F, : is %3A)",

@@ -310,3 +310,13 @@ def test_the_command_gets_no_shell(tmp_path: Path) -> None:
     source = credentials.password_source()
     assert source is not None
     assert source.obtain(10) == "['$HOME', ';', 'x']"
+
+
+def test_unencoded_at_in_a_url_password_is_refused_without_showing_it() -> None:
+    """A password with '@' and '/' pasted into a URL unencoded (as bitnami/mlflow builds its URL) is refused
+    with exit 2 and the percent-encoding to use; no part of it is shown (SQLAlchemy alone would take 'ss' for
+    the host and the rest for the database name, and the message would show them)."""
+    for url in ("postgresql://u:p@ss/w:rd@localhost:1/db", "mysql://u:p@ss@localhost:1/db", "postgresql://u@x@h/d"):
+        code, out = cli("status", "--database-url", url)
+        assert code == ExitCode.USAGE, out
+        assert "unencoded '@' or '/'" in out and "ss" not in out.replace("address", "").replace("pass", ""), out
