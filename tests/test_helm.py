@@ -271,9 +271,19 @@ def test_snippet_command_lines_and_variables_are_the_images(image: str, name: st
         assert helped.returncode == 0, f"{where}: {helped.stdout}{helped.stderr}"
         for option in (a.split("=")[0] for a in args if a.startswith("--")):
             assert option in helped.stdout, f"{where}: {option}"
-        names = set(environment(container, configmaps, secret_data))
+        names = set(environment(container, configmaps, secret_data)) - set(COMMUNITY_MLFLOW_SETTINGS)
         documented = set(re.findall(r"\$([A-Z_]+)", helped.stdout))
         assert names - expanded_names(container) <= documented, f"{where}: {names - documented}"
+
+
+# Keys of community-charts/mlflow's ConfigMap that are settings for MLflow, not the database; the tool does
+# not read them.
+COMMUNITY_MLFLOW_SETTINGS = {
+    "MLFLOW_CONFIGURE_LOGGING": "true",
+    "MLFLOW_LOGGING_LEVEL": "INFO",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+}
 
 
 def layout(snippet: Snippet, values: dict[str, Any], login: Login | None) -> tuple[dict, dict]:
@@ -284,16 +294,18 @@ def layout(snippet: Snippet, values: dict[str, Any], login: Login | None) -> tup
     if snippet.name == "official":  # the operator's Secret with MLflow's URL (percent-encoded)
         url = login.url_with(password) if login else "postgresql://u:p@h/d"
         return {}, {"mlflow-db-secret": {"uri": url}}
-    credentials = {"username": user, "password": password}
-    if snippet.name == "community-postgres":  # charts/mlflow/templates/configmap.yaml, postgres.enabled
-        return {f"{RELEASE}-env-configmap": {"PGHOST": host, "PGPORT": port, "PGDATABASE": database}}, {
-            values["backendStore"]["existingDatabaseSecret"]["name"]: credentials
-        }
-    if snippet.name == "community-mysql":  # the same template, mysql.enabled
-        configmap = {"MYSQL_HOST": host, "MYSQL_TCP_PORT": port, "MYSQL_DATABASE": database}
-        return {f"{RELEASE}-env-configmap": configmap}, {
-            values["backendStore"]["existingDatabaseSecret"]["name"]: credentials
-        }
+    if snippet.name.startswith("community"):
+        existing = values["backendStore"]["existingDatabaseSecret"]["name"]
+        credentials = {existing: {"username": user, "password": password}}
+        # charts/mlflow/templates/configmap.yaml: the database's keys (postgres.enabled or mysql.enabled), then
+        # the chart's settings for MLflow itself with the chart's defaults (log.enabled, log.level "info",
+        # telemetry.enabled false).
+        if snippet.name == "community-postgres":
+            configmap = {"PGHOST": host, "PGPORT": port, "PGDATABASE": database}
+        else:
+            configmap = {"MYSQL_HOST": host, "MYSQL_TCP_PORT": port, "MYSQL_DATABASE": database}
+        configmap |= COMMUNITY_MLFLOW_SETTINGS
+        return {f"{RELEASE}-env-configmap": configmap}, credentials
     db = values["externalDatabase"]  # bitnami: externalDatabase.existingSecret, key existingSecretPasswordKey
     return {}, {db["existingSecret"]: {db["existingSecretPasswordKey"]: password}}
 
