@@ -143,5 +143,5 @@ def display(url: URL) -> str:
                 filled[part] = int(value) if part == "port" else value
     shown = url.set(query={}, **filled).render_as_string(hide_password=True)  # type: ignore[arg-type]
     shown += "?…" if url.query else ""
-    names = {part: variable for part, variable in LIBPQ_VARIABLES}
+    names = dict(LIBPQ_VARIABLES)
     return shown + (f" ({', '.join('$' + names[part] for part in filled)} from the environment)" if filled else "")
