@@ -17,7 +17,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from backfill import __version__, signals
+from backfill import __version__, credentials, signals
 from backfill.connect import create_engine
 from backfill.errors import BackfillError, ExitCode
 from backfill.job import Backfill
@@ -143,6 +143,36 @@ SCHEMA = "mgb_schema"
 def _schema() -> str | None:
     """The --schema of the command being run."""
     return click.get_current_context().meta.get(SCHEMA)
+
+
+def _password_given(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Hand --password-file / --password-command to backfill.credentials for this command's connections."""
+    ctx.meta[param.name] = value
+    credentials.configure(ctx.meta.get("password_file"), ctx.meta.get("password_command"))
+    ctx.call_on_close(credentials.reset)
+
+
+def credential_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option(
+        "--password-command",
+        metavar="CMD",
+        expose_value=False,
+        callback=_password_given,
+        help="Run CMD (split like a shell line, run without a shell) for every new connection; what it prints, "
+        "stripped, is the password: e.g. `aws rds generate-db-auth-token ...`. Default: $DATABASE_PASSWORD_COMMAND. "
+        "Exit 3 if it fails or times out (--connect-timeout).",
+    )(func)
+    return click.option(
+        "--password-file",
+        metavar="PATH",
+        expose_value=False,
+        callback=_password_given,
+        help="Read the password from PATH (trailing newlines removed) for every new connection; it overrides the "
+        "URL's. Default: $DATABASE_PASSWORD_FILE. Otherwise the URL's password; on PostgreSQL libpq also reads "
+        "$PGHOST, $PGPORT, $PGDATABASE, $PGUSER, $PGPASSWORD, $PGPASSFILE, $PGSSLMODE, $PGSSLROOTCERT for what the "
+        "URL leaves out (postgresql:// alone works); on MySQL, TLS as MLflow reads it: $MLFLOW_MYSQL_SSL_CA "
+        "(verifies the server), $MLFLOW_MYSQL_SSL_CERT, $MLFLOW_MYSQL_SSL_KEY.",
+    )(func)
 
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -303,6 +333,7 @@ class _Bar:
 
 @cli.command()
 @database_option
+@credential_options
 @click.option(
     "--batch-size",
     type=TUNABLES["batch-size"],
@@ -409,6 +440,7 @@ def run(
 
 @cli.command()
 @database_option
+@credential_options
 @timeout_options
 @click.option(
     "--replica-url",
@@ -461,6 +493,7 @@ def status(
 
 @cli.command()
 @database_option
+@credential_options
 @timeout_options
 @click.option(
     "--replica-url",
@@ -535,6 +568,7 @@ def _confirm(prompt: str) -> bool:
 
 @cli.command()
 @database_option
+@credential_options
 @click.option(
     "--batch-size",
     type=TUNABLES["batch-size"],

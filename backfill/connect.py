@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from backfill import retry
+from backfill import credentials, retry
 from backfill.errors import BackfillError, ExitCode, describe, driver_text
 from backfill.retry import Timeouts
 from backfill.urls import display, secrets, sqlite_path
@@ -153,6 +153,7 @@ def create_engine(url: URL, timeouts: Timeouts | None = None, read_only: bool = 
         pool_pre_ping=False,
         execution_options={SETUP: setup},
     )
+    credentials.install(engine, timeouts.connect)  # a password file or command, MLflow's MySQL TLS variables
     if backend == "mysql":
         sa.event.listen(engine, "connect", lambda dbapi_connection, _record: _mysql_session(dbapi_connection, timeouts))
     sa.event.listen(engine, "begin", _explicit_begin)

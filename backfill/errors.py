@@ -70,6 +70,16 @@ STATEMENT_POOLING = "transaction blocks not allowed in statement pooling mode"
 _CUT = "_mgb_cut_after"
 
 
+# Passwords obtained outside the URL (a password file or command: backfill/credentials.py).
+_withheld: set[str] = set()
+
+
+def withhold(secret: str) -> None:
+    """Treat ``secret`` like the URL's password: no message that contains it is shown."""
+    if secret:
+        _withheld.add(secret)
+
+
 def mark_cut(exc: BaseException, seconds: float) -> None:
     """Record on ``exc`` that the watchdog cut its connection after ``seconds``."""
     setattr(exc, _CUT, seconds)
@@ -85,10 +95,11 @@ def cut_by_watchdog(exc: BaseException) -> float | None:
 
 
 def driver_text(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
-    """The driver's message on one line, or a note that it is withheld because it contains a secret."""
+    """The driver's message on one line, or a note that it is withheld because it contains a secret (one of
+    ``secrets``, or a password from a file or command)."""
     orig = getattr(exc, "orig", None) or exc
     text = " ".join(str(orig).split())
-    if any(s and s in text for s in secrets):
+    if any(s and s in text for s in (*secrets, *_withheld)):
         return "(the driver's message is withheld: it contains the password)"
     return text[:300]
 

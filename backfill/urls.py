@@ -100,8 +100,14 @@ def parse_url(raw: str) -> URL:
             ExitCode.USAGE,
         )
     if backend != "sqlite":
-        # An unencoded '@' or '/' in the password moves the rest into the host or the database name.
-        if (url.host and ("@" in url.host or "/" in url.host)) or "@" in (url.database or ""):
+        # An unencoded '@' or '/' in the password moves the rest into the host or the database name; more than
+        # one '@' before the path means one belongs to the user or password.
+        authority = raw.split("://", 1)[-1].split("?", 1)[0]
+        if (
+            authority.count("@") > 1
+            or (url.host and ("@" in url.host or "/" in url.host))
+            or "@" in (url.database or "")
+        ):
             raise BackfillError(
                 f"malformed database URL: the user or password holds an unencoded '@' or '/'{_ENCODING_HINT}",
                 ExitCode.USAGE,
@@ -127,13 +133,26 @@ def sqlite_path(url: URL) -> str | None:
     return database
 
 
+# What libpq takes from the environment for a part a postgresql:// URL leaves out (never PGPASSWORD).
+LIBPQ_VARIABLES = (("host", "PGHOST"), ("port", "PGPORT"), ("database", "PGDATABASE"), ("username", "PGUSER"))
+
+
 def display(url: URL) -> str:
     """The URL as it may be printed: no password, no query string (it may hold one, e.g. ``?password=``);
-    a SQLite database as the plain path it names."""
+    a SQLite database as the plain path it names; on PostgreSQL, the parts libpq takes from ``$PGHOST``,
+    ``$PGPORT``, ``$PGDATABASE`` and ``$PGUSER`` filled in and named (``postgresql://`` alone is valid)."""
     if url.get_backend_name() == "sqlite":
         return f"sqlite:///{sqlite_path(url) or ''}"
-    shown = url.set(query={}).render_as_string(hide_password=True)
-    return shown + ("?…" if url.query else "")
+    filled: dict[str, str | int] = {}
+    if url.get_backend_name() == "postgresql":
+        for part, variable in LIBPQ_VARIABLES:
+            value = os.environ.get(variable, "")
+            if getattr(url, part) is None and value and (part != "port" or value.isdigit()):
+                filled[part] = int(value) if part == "port" else value
+    shown = url.set(query={}, **filled).render_as_string(hide_password=True)  # type: ignore[arg-type]
+    shown += "?…" if url.query else ""
+    names = dict(LIBPQ_VARIABLES)
+    return shown + (f" ({', '.join('$' + names[part] for part in filled)} from the environment)" if filled else "")
 
 
 def secrets(url: URL) -> tuple[str, ...]:

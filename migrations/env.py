@@ -28,7 +28,7 @@ from alembic import context
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from backfill import signals
+from backfill import credentials, signals
 from backfill.cli import TUNABLES, settings_from
 from backfill.connect import close, connect, create_engine, failure
 from backfill.errors import BackfillError, ExitCode
@@ -42,13 +42,13 @@ from backfill.urls import parse_url, resolve_url
 from backfill.walk import Settings
 
 config = context.config
-X_KEYS = ("database-url", "replica-url", "schema", *TUNABLES)
+X_KEYS = ("database-url", "replica-url", "schema", "password-file", "password-command", *TUNABLES)
 
 
 def _x_arguments() -> tuple[str | None, Settings]:
     """``-x database-url=URL``, ``-x replica-url=URL`` (repeatable) and the tunables; an unknown key
     (``database_url``, a typo) is refused rather than ignored."""
-    url, replicas, values = None, [], {}
+    url, replicas, values, passwords = None, [], {}, {}
     schema: str | None = None
     for raw in context.get_x_argument(as_dictionary=False):
         key, sep, value = raw.partition("=")
@@ -62,11 +62,14 @@ def _x_arguments() -> tuple[str | None, Settings]:
             replicas.append(value)
         elif key == "schema":
             schema = value
+        elif key.startswith("password-"):  # backfill/credentials.py: the password file or command
+            passwords[key[len("password-") :]] = value
         else:
             try:
                 values[key] = TUNABLES[key].convert(value, None, None)
             except click.BadParameter as exc:
                 raise BackfillError(f"-x {key}: {exc.message}", ExitCode.USAGE) from None
+    credentials.configure(passwords.get("file"), passwords.get("command"), via="-x password-")
     return url, dataclasses.replace(settings_from(values, tuple(replicas)), schema=schema)
 
 
@@ -149,6 +152,8 @@ def main() -> None:
     except KeyboardInterrupt:
         print("Error: interrupted; nothing was left half-written", file=sys.stderr)
         sys.exit(int(ExitCode.STOPPED))
+    finally:
+        credentials.reset()
 
 
 main()
