@@ -286,7 +286,9 @@ def _build(target: Path, rel: Release, uv: str, uv_cache: Path) -> None:
     def run(*args: str) -> None:
         result = subprocess.run([uv, *args], env=env, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
-            raise InstallError(f"uv {' '.join(args[:2])} failed for MLflow {rel.version}:\n{result.stderr[-3000:]}")
+            raise InstallError(
+                f"uv {' '.join(args[:2])} failed for MLflow {rel.version}: {result.stderr[-3000:].strip()}"
+            )
 
     def install(*args: str) -> None:
         cutoff = ("--exclude-newer", rel.exclude_newer) if rel.exclude_newer else ()
