@@ -28,7 +28,7 @@ later (on a new machine, after a cache wipe) gets the same versions; moving that
 
 Safe when several processes ask for the same venv at once (pytest workers, two checkouts): an exclusive
 lock per release, a build in a temporary directory next to the target, then an atomic rename. A venv
-is reused only when its recorded spec (requirements, Python, date) is the one asked for.
+is reused only when its recorded spec (requirements, route, Python, date) is the one asked for.
 
     python -m tests.mlflow_versions                       # build (or reuse) all of them, print the seconds
     python -m tests.mlflow_versions --root /tmp/v --uv-cache /tmp/c 3.10.0   # e.g. measure a cold build
