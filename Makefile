@@ -22,7 +22,8 @@ BASE_IMAGE ?=
 export DATABASE_URL MLFLOW_BACKEND_STORE_URI MLFLOW_TRACKING_URI MLFLOW_READ_REPLICA_BACKEND_STORE_URI BASE_IMAGE UV \
 	MGB_TEST_BACKENDS MGB_TEST_POSTGRESQL_URL MGB_TEST_POSTGRESQL_18_URL MGB_TEST_MYSQL_URL MGB_TEST_MARIADB_URL \
 	MGB_TEST_MARIADB_11_URL MGB_POSTGRES_IMAGE MGB_POSTGRES_18_IMAGE MGB_MYSQL_IMAGE MGB_MARIADB_IMAGE \
-	MGB_MARIADB_11_IMAGE MGB_ROOTFS_CACHE MGB_MLFLOW_VENVS MGB_MIGRATION_CHECK_URL MGB_MIGRATION_CHECK_PARALLEL
+	MGB_MARIADB_11_IMAGE MGB_ROOTFS_CACHE MGB_MLFLOW_VENVS MGB_MIGRATION_CHECK_URL MGB_MIGRATION_CHECK_PARALLEL \
+	MLFLOW_VERSIONS
 # uv never downloads a Python: the venv uses $(PYTHON).
 export UV_PYTHON_DOWNLOADS := never
 # Python's own byte-code cache, as it works by default. uv (unlike pip) does not compile at install time,
@@ -78,7 +79,8 @@ test: $(BIN)/.test  ## the full suite on every backend (starts Docker, builds th
 	scripts/ensure-compose.sh
 	$(BIN)/pytest -m "not migration_check" -n $(PYTEST_WORKERS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
-migration-check: $(BIN)/.test  ## the CI migration check: MLflow 2.22.5 to 3.17.2 on every backend
+# MLFLOW_VERSIONS=3.18.0,3.19.0: those releases (each alone, and over 3.10.0's data) instead of the table's.
+migration-check: $(BIN)/.test  ## the CI migration check: MLflow 2.22.5 to 3.18.0 on every backend
 	scripts/provision-tests.sh
 	$(BIN)/pytest -m migration_check -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 

@@ -1,4 +1,20 @@
-"""Real MLflow releases for the migration check, each in its own cached virtualenv.
+"""Real MLflow releases for the migration check, each in its own cached virtualenv, and the check's matrix.
+
+``RELEASES`` says how each release is installed (``Release.route``):
+
+* ``pip``: ``mlflow==X`` with its dependencies, as a user installs it.
+* ``skinny``: for a release whose ``mlflow`` pins a companion package the index does not serve (3.18.0
+  requires ``mlflow-tracing==3.18.0``, which is not there). The ``mlflow`` wheel holds every file of
+  ``mlflow-skinny`` (and of ``mlflow-tracing``, whose files are a subset of skinny's), so: ``mlflow-skinny==X``
+  with every other dependency ``mlflow==X`` declares, then ``mlflow==X --no-deps``. That is the same
+  files and the same dependencies as ``pip install mlflow==X`` would give.
+* ``auto``: ``pip``, and ``skinny`` when that fails. Releases named in ``MLFLOW_VERSIONS`` that are not in
+  ``RELEASES`` are installed so, with their dependencies as the index stands (no ``EXCLUDE_NEWER``: a release
+  that ships after that date must still resolve).
+
+``MLFLOW_VERSIONS=3.18.0,3.19.0`` (comma-separated releases) makes the matrix ``X`` and ``3.10.0+X`` (a
+database written by 3.10.0, then by X, as an upgraded user has it) for each X, instead of ``MATRIX``. The UI
+check runs against the newest release of ``RELEASES`` and ``MLFLOW_VERSIONS`` (:func:`newest`).
 
 The venvs live outside the repository, so fresh clones and CI runs on the same machine reuse them:
 ``$MGB_MLFLOW_VENVS/<version>`` (default ``/var/cache/mgb-mlflow-venvs``, or ``~/.cache/mgb-mlflow-venvs``
@@ -12,16 +28,18 @@ later (on a new machine, after a cache wipe) gets the same versions; moving that
 
 Safe when several processes ask for the same venv at once (pytest workers, two checkouts): an exclusive
 lock per release, a build in a temporary directory next to the target, then an atomic rename. A venv
-is reused only when its recorded spec (requirements, Python, date) is the one asked for.
+is reused only when its recorded spec (requirements, route, Python, date) is the one asked for.
 
     python -m tests.mlflow_versions                       # build (or reuse) all of them, print the seconds
     python -m tests.mlflow_versions --root /tmp/v --uv-cache /tmp/c 3.10.0   # e.g. measure a cold build
+    python -m tests.mlflow_versions --heads 3.18.0       # the MLflow schema revision each release ends at
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib.metadata
 import json
 import os
 import shutil
@@ -32,20 +50,106 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
 # Plain postgresql:// means psycopg2 to SQLAlchemy 2.0 (2.22.5's) and psycopg 3 to SQLAlchemy 2.1 (3.10+'s).
 DRIVERS = ("psycopg2-binary", "psycopg[binary]", "PyMySQL")
-RELEASES: dict[str, tuple[str, ...]] = {
+EXCLUDE_NEWER = "2026-11-26T00:00:00Z"
+PIP, SKINNY, AUTO = "pip", "skinny", "auto"
+# What the skinny route leaves out of mlflow's own requirements (their files are all in the mlflow wheel).
+COMPANIONS = ("mlflow-skinny", "mlflow-tracing")
+
+
+@dataclass(frozen=True)
+class Release:
+    """How one MLflow release is installed (see the module docstring for the routes)."""
+
+    version: str
+    pins: tuple[str, ...] = ()  # beside MLflow's own requirements
+    route: str = PIP
+    exclude_newer: str | None = EXCLUDE_NEWER  # None: dependencies as the index stands
+
+
+RELEASES: dict[str, Release] = {
     # The last 2.x. It declares sqlalchemy<3 but fails to import on SQLAlchemy 2.1 (its store imports
     # sqlalchemy.pool.FallbackAsyncAdaptedQueuePool, which 2.1 removed), so its users have 2.0.
-    "2.22.5": ("mlflow==2.22.5", "SQLAlchemy>=2.0,<2.1", *DRIVERS),
-    "3.10.0": ("mlflow==3.10.0", *DRIVERS),  # the first with gateway experiments, without isGateway
-    "3.10.1": ("mlflow==3.10.1", *DRIVERS),  # tags new gateway experiments isGateway=true
-    "3.17.2": ("mlflow==3.17.2", *DRIVERS),  # the newest that installs (3.18.0's mlflow-skinny is not served)
+    "2.22.5": Release("2.22.5", pins=("SQLAlchemy>=2.0,<2.1",)),
+    "3.10.0": Release("3.10.0"),  # the first with gateway experiments, without isGateway
+    "3.10.1": Release("3.10.1"),  # tags new gateway experiments isGateway=true
+    "3.17.2": Release("3.17.2"),
+    "3.18.0": Release("3.18.0", route=SKINNY),  # mlflow-tracing==3.18.0, which mlflow 3.18.0 pins, is not served
 }
-NEWEST = "3.17.2"
-EXCLUDE_NEWER = "2026-11-26T00:00:00Z"
+UNTAGGING_RELEASE = "3.10.0"  # the one release that made gateway experiments without isGateway
+# Matrix entry -> the releases that write its database, in order, each with its own interpreter.
+MATRIX: dict[str, tuple[str, ...]] = {
+    "2.22.5": ("2.22.5",),
+    "3.10.0": ("3.10.0",),
+    "3.10.0+3.10.1": ("3.10.0", "3.10.1"),
+    "3.10.1": ("3.10.1",),
+    "3.17.2": ("3.17.2",),
+    "3.18.0": ("3.18.0",),
+    "3.10.0+3.18.0": ("3.10.0", "3.18.0"),
+}
+VERSIONS_VARIABLE = "MLFLOW_VERSIONS"
+
+
+def release(version: str) -> Release:
+    """The table's entry for ``version``, else one installed the ``auto`` way against today's index."""
+    return RELEASES.get(version) or Release(version, route=AUTO, exclude_newer=None)
+
+
+def requested_versions(raw: str | None) -> list[str] | None:
+    """``MLFLOW_VERSIONS``' releases, in order and without repeats; None when it is unset or empty.
+
+    Raises ValueError (one line) for anything that is not a release number.
+    """
+    versions: list[str] = []
+    for part in (raw or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            normal = str(Version(part))
+        except InvalidVersion:
+            raise ValueError(f"{VERSIONS_VARIABLE}: {part!r} is not an MLflow release number (e.g. 3.18.0)") from None
+        if part != normal:
+            raise ValueError(f"{VERSIONS_VARIABLE}: write {part!r} as MLflow numbers it: {normal}")
+        if part not in versions:
+            versions.append(part)
+    return versions or None
+
+
+def matrix(versions: list[str] | None) -> dict[str, tuple[str, ...]]:
+    """The matrix for ``versions`` (``MATRIX`` when None): ``X`` for each, and ``3.10.0+X`` for each X after
+    3.10.0 (gateway experiments 3.10.0 left untagged, then X's own on the same database)."""
+    if versions is None:
+        return dict(MATRIX)
+    entries: dict[str, tuple[str, ...]] = {}
+    for version in versions:
+        entries[version] = (version,)
+        if Version(version) > Version(UNTAGGING_RELEASE):
+            entries[f"{UNTAGGING_RELEASE}+{version}"] = (UNTAGGING_RELEASE, version)
+    return entries
+
+
+def newest(versions: list[str] | None = None) -> str:
+    """The newest release of ``RELEASES`` and ``versions``: the one the UI check serves every database with."""
+    return max({*RELEASES, *(versions or ())}, key=Version)
+
+
+NEWEST = newest()  # of the table alone: what tests outside the matrix serve their databases with
+
+
+def candidates(versions: list[str] | None = None) -> list[str]:
+    """The releases of ``RELEASES`` and ``versions``, newest first."""
+    return sorted({*RELEASES, *(versions or ())}, key=Version, reverse=True)
+
+
 SPEC_FILE = ".mgb-spec.json"
 UV_REQUIREMENT = "uv>=0.9,<1"
 
@@ -68,13 +172,18 @@ def _base_python() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
-def _spec(version: str) -> dict[str, object]:
-    return {
-        "requirements": list(RELEASES[version]),
+def _spec(rel: Release) -> dict[str, object]:
+    """What a venv is built from: it is reused only while its recorded spec is this one. A ``pip`` release's
+    spec has the keys it always had, so the venvs that other checkouts share stay valid."""
+    spec: dict[str, object] = {
+        "requirements": [f"mlflow=={rel.version}", *rel.pins, *DRIVERS],
         "python": ".".join(map(str, sys.version_info[:3])),
-        "exclude_newer": EXCLUDE_NEWER,
+        "exclude_newer": rel.exclude_newer,
         "compile_bytecode": True,
     }
+    if rel.route != PIP:
+        spec["route"] = rel.route
+    return spec
 
 
 def _uv(root: Path) -> str:
@@ -128,10 +237,11 @@ def _is_ready(venv: Path, spec: dict[str, object]) -> bool:
 
 
 def ensure_venv(version: str, root: Path | None = None, uv_cache: Path | None = None) -> Path:
-    """The venv of MLflow ``version`` (a key of RELEASES), built first if missing or stale; returns its path."""
+    """The venv of MLflow ``version`` (see :func:`release`), built first if missing or stale; returns its path."""
     root = root or venv_root()
     cache = uv_cache or root / ".uv-cache"
-    return _ensure(root, version, _spec(version), lambda target, spec: _build(target, spec, _uv(root), cache))
+    rel = release(version)
+    return _ensure(root, version, _spec(rel), lambda target, spec: _build(target, rel, _uv(root), cache))
 
 
 def _ensure(root: Path, name: str, spec: dict[str, object], build: Callable[[Path, dict[str, object]], None]) -> Path:
@@ -160,37 +270,114 @@ def _ensure(root: Path, name: str, spec: dict[str, object], build: Callable[[Pat
     return venv
 
 
-def _build(target: Path, spec: dict[str, object], uv: str, uv_cache: Path) -> None:
-    """A relocatable venv with the spec's requirements in ``target`` (renamed afterwards).
+class InstallError(RuntimeError):
+    """A release that uv could not install (its message ends with uv's own explanation)."""
+
+
+def _build(target: Path, rel: Release, uv: str, uv_cache: Path) -> None:
+    """A relocatable venv with ``rel`` installed its route's way in ``target`` (renamed afterwards).
 
     Bytecode is compiled here, once: left to the first import it is never cached where
     PYTHONDONTWRITEBYTECODE is set (as on the project's machines), and every MLflow process of the check
     would then compile MLflow again (about 5 s of CPU each).
     """
     env = {**os.environ, "UV_CACHE_DIR": str(uv_cache), "UV_NO_CONFIG": "1"}
-    requirements = [str(r) for r in spec["requirements"]]  # type: ignore[attr-defined]
 
     def run(*args: str) -> None:
         result = subprocess.run([uv, *args], env=env, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
-            raise RuntimeError(f"uv {' '.join(args[:2])} failed for {requirements[0]}:\n{result.stderr[-3000:]}")
+            raise InstallError(
+                f"uv {' '.join(args[:2])} failed for MLflow {rel.version}: {result.stderr[-3000:].strip()}"
+            )
+
+    def install(*args: str) -> None:
+        cutoff = ("--exclude-newer", rel.exclude_newer) if rel.exclude_newer else ()
+        run("pip", "install", "--quiet", *cutoff, "--python", str(python_of(target)), *args)
 
     run("venv", "--quiet", "--relocatable", "--allow-existing", "--python", _base_python(), str(target))
-    run(
-        "pip",
-        "install",
-        "--quiet",
-        "--compile-bytecode",
-        "--exclude-newer",
-        str(spec["exclude_newer"]),
-        "--python",
-        str(python_of(target)),
-        *requirements,
-    )
+    if rel.route == SKINNY:
+        _install_skinny(rel, target, install)
+        return
+    try:
+        install("--compile-bytecode", f"mlflow=={rel.version}", *rel.pins, *DRIVERS)
+    except InstallError as plain:
+        if rel.route != AUTO:
+            raise
+        try:  # a resolution that fails installs nothing: the venv is still empty
+            _install_skinny(rel, target, install)
+        except InstallError as skinny:
+            raise InstallError(
+                f"MLflow {rel.version} installs neither as mlflow nor as mlflow-skinny:\n{plain}\n{skinny}"
+            ) from None
+
+
+def _install_skinny(rel: Release, target: Path, install: Callable[..., None]) -> None:
+    """``mlflow-skinny==X`` with every other requirement ``mlflow==X`` declares, then ``mlflow==X --no-deps``
+    (last, so that its files are the ones left where both wheels have a file)."""
+    unpacked = Path(tempfile.mkdtemp(prefix=".mlflow-metadata-", dir=target.parent))
+    try:  # the wheel unpacked aside, for its metadata: uv has no command that prints a package's requirements
+        install("--no-deps", "--target", str(unpacked), f"mlflow=={rel.version}")
+        (dist,) = importlib.metadata.distributions(name="mlflow", path=[str(unpacked)])
+        declared = dist.requires or []
+    finally:
+        shutil.rmtree(unpacked, ignore_errors=True)
+    install(f"mlflow-skinny=={rel.version}", *_other_requirements(declared), *rel.pins, *DRIVERS)
+    install("--no-deps", "--compile-bytecode", f"mlflow=={rel.version}")
+
+
+def _other_requirements(declared: list[str]) -> list[str]:
+    """``mlflow``'s requirements for this interpreter (the venvs' base), without extras and companions."""
+    kept = []
+    for line in declared:
+        requirement = Requirement(line)
+        if canonicalize_name(requirement.name) in COMPANIONS:
+            continue
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            kept.append(str(requirement))
+    return kept
+
+
+# Run by a release's interpreter: the revisions of its own MLflow schema migrations. Found without importing
+# mlflow (find_spec of a top-level package does not run it); Alembic loads each script.
+_SCHEMA_SCRIPT = """
+import importlib.util, json, os
+from alembic.script import ScriptDirectory
+package = os.path.dirname(importlib.util.find_spec("mlflow").origin)
+scripts = ScriptDirectory(os.path.join(package, "store", "db_migrations"))
+print(json.dumps({"head": scripts.get_current_head(), "revisions": [s.revision for s in scripts.walk_revisions()]}))
+"""
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A release's MLflow schema: the revision ``mlflow db upgrade`` ends at, and every one it can start from."""
+
+    head: str
+    revisions: frozenset[str]
+
+
+def schema_of(venv: Path) -> Schema:
+    """What the release in ``venv`` knows of MLflow's schema, asked of its own interpreter."""
+    command = [str(python_of(venv)), "-c", _SCHEMA_SCRIPT]
+    result = subprocess.run(command, capture_output=True, text=True, env=release_env(), timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"{venv}: reading MLflow's migration scripts failed:\n{result.stderr[-3000:]}")
+    found = json.loads(result.stdout)
+    return Schema(found["head"], frozenset(found["revisions"]))
+
+
+def serving_release(revision: str | None, releases: list[str]) -> tuple[str, Path] | None:
+    """The newest of ``releases`` whose migrations know ``revision`` (a database's ``alembic_version``), and
+    its venv; None when none does. Venvs are built as needed, newest first."""
+    for version in sorted(releases, key=Version, reverse=True):
+        venv = ensure_venv(version)
+        if revision in schema_of(venv).revisions:
+            return version, venv
+    return None
 
 
 def ensure_all(versions: list[str] | None = None) -> dict[str, Path]:
-    """All the venvs (default: every release), built side by side; returns version -> venv."""
+    """All the venvs (default: every release of RELEASES), built side by side; returns version -> venv."""
     versions = versions or list(RELEASES)
     with ThreadPoolExecutor(max_workers=len(versions)) as pool:
         return dict(zip(versions, pool.map(ensure_venv, versions), strict=True))
@@ -198,17 +385,28 @@ def ensure_all(versions: list[str] | None = None) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("versions", nargs="*", metavar="VERSION", help=f"default: all of {', '.join(RELEASES)}")
+    parser.add_argument(
+        "versions",
+        nargs="*",
+        metavar="VERSION",
+        help=f"default: {VERSIONS_VARIABLE}, else all of {', '.join(RELEASES)}",
+    )
     parser.add_argument("--root", type=Path, help="where the venvs go (default: $MGB_MLFLOW_VENVS or the cache)")
     parser.add_argument("--uv-cache", type=Path, help="uv's cache (default: ROOT/.uv-cache)")
+    parser.add_argument("--heads", action="store_true", help="also print each release's MLflow schema head")
     args = parser.parse_args()
-    unknown = sorted(set(args.versions) - set(RELEASES))
-    if unknown:
-        parser.error(f"unknown release(s) {unknown}; choose from {list(RELEASES)}")
-    for version in args.versions or list(RELEASES):
+    try:
+        versions = requested_versions(",".join(args.versions) or os.environ.get(VERSIONS_VARIABLE)) or list(RELEASES)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for version in versions:
         start = time.monotonic()
-        venv = ensure_venv(version, args.root, args.uv_cache)
-        print(f"{version}: {venv} ({time.monotonic() - start:.1f} s)", flush=True)
+        try:
+            venv = ensure_venv(version, args.root, args.uv_cache)
+        except InstallError as exc:
+            parser.exit(1, f"{exc}\n")
+        head = f", schema head {schema_of(venv).head}" if args.heads else ""
+        print(f"{version}: {venv} ({time.monotonic() - start:.1f} s, {release(version).route}{head})", flush=True)
 
 
 if __name__ == "__main__":

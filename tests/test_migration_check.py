@@ -3,24 +3,27 @@
 A matrix of MLflow release x backend. Each release runs in its own cached venv (tests/mlflow_versions.py)
 and writes a database as it really does (tests/mlflow_writer.py): 2.22.5, the last 2.x (no gateway
 experiments: the backfill must be a no-op), 3.10.0 (gateway experiments without isGateway), 3.10.0 then
-3.10.1 on the same database (what a user who upgraded has: old rows untagged, new ones tagged), 3.10.1 and
-3.17.2 (every gateway experiment already tagged). For each database:
+3.10.1 on the same database (what a user who upgraded has: old rows untagged, new ones tagged), 3.10.1,
+3.17.2 and 3.18.0 (every gateway experiment already tagged), and 3.10.0 then 3.18.0. ``MLFLOW_VERSIONS``
+(e.g. ``3.18.0,3.19.0``) replaces that list with ``X`` and ``3.10.0+X`` for each release X it names
+(see tests/mlflow_versions.py). For each database:
 
 1. ``alembic upgrade head``: the exact end state (below); ``alembic downgrade base``: exactly the original;
    ``alembic upgrade head`` again: the end state again. Where nothing is missing, ``run --json`` first
    says it inserted 0 and changes nothing but the project's own tables.
 2. The ``--sql`` script, applied to a copy with the server's own client, reaches the same end state.
-3. The newest MLflow (3.17.2) upgrades the database (``mlflow db upgrade``), and a real 3.17.2
-   ``mlflow server`` over it answers the UI's own experiment-list request, every page, with exactly the
-   active experiments that have no isGateway row: no gateway experiment. Where the release left untagged
-   ones, the same running server is shown them after ``alembic downgrade base`` (so the check can fail)
-   and hides them again after ``alembic upgrade head``.
+3. The newest MLflow (3.18.0, or a newer release in ``MLFLOW_VERSIONS``) upgrades the database (``mlflow db
+   upgrade``), and its real ``mlflow server`` over it answers the UI's own experiment-list request, every
+   page, with exactly the active experiments that have no isGateway row: no gateway experiment. Where the
+   release left untagged ones, the same running server is shown them after ``alembic downgrade base`` (so
+   the check can fail) and hides them again after ``alembic upgrade head``.
 
 The exact end state: the added ``experiment_tags`` rows are exactly (isGateway, ``true``) for each
 experiment that has a sourceType row exactly ``GATEWAY`` and had no isGateway row; every other row of
 every MLflow table, MLflow's ``alembic_version`` included, is unchanged. Tables are compared by row count
 and an order-independent hash of their rows, so the same code also checks a large production copy:
-``MGB_MIGRATION_CHECK_URL=<copy> pytest -m migration_check -k own`` (see docs/testing.md).
+``MGB_MIGRATION_CHECK_URL=<copy> pytest -m migration_check -k own`` (docs/mlflow-versions.md). A copy is
+served by the newest release that knows its MLflow schema revision (its ``alembic_version``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,11 +44,26 @@ import sqlalchemy as sa
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
+from backfill.connect import create_engine
+from backfill.errors import describe
 from backfill.sql import LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE
 from backfill.urls import parse_url
 from tests.conftest import REPO, alembic, run_cli
 from tests.mlflow_server import UI_QUERY, MlflowServer, mlflow_url
-from tests.mlflow_versions import NEWEST, ensure_all, python_of, release_env
+from tests.mlflow_versions import (
+    UNTAGGING_RELEASE,
+    VERSIONS_VARIABLE,
+    InstallError,
+    candidates,
+    ensure_all,
+    matrix,
+    newest,
+    python_of,
+    release_env,
+    requested_versions,
+    schema_of,
+    serving_release,
+)
 
 pytestmark = pytest.mark.migration_check
 # The rule, spelled out here rather than imported from the code under test.
@@ -52,15 +71,12 @@ SRC, GATEWAY = "mlflow.experiment.sourceType", "GATEWAY"
 ISGW, TRUE = "mlflow.experiment.isGateway", "true"
 OURS = (LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE)
 WRITER = Path(__file__).with_name("mlflow_writer.py")
-# Matrix entry -> the releases that write its database, in order, each with its own interpreter.
-MATRIX: dict[str, tuple[str, ...]] = {
-    "2.22.5": ("2.22.5",),
-    "3.10.0": ("3.10.0",),
-    "3.10.0+3.10.1": ("3.10.0", "3.10.1"),
-    "3.10.1": ("3.10.1",),
-    "3.17.2": ("3.17.2",),
-}
-UNTAGGING_RELEASE = "3.10.0"  # the one release that made gateway experiments without isGateway
+try:
+    REQUESTED = requested_versions(os.environ.get(VERSIONS_VARIABLE))
+except ValueError as exc:
+    raise pytest.UsageError(str(exc)) from None
+MATRIX = matrix(REQUESTED)  # entry -> the releases that write its database, in order
+NEWEST = newest(REQUESTED)  # the UI check's MLflow
 FIRST_GATEWAY_RELEASE = (3, 10)
 Tag = tuple[int, str, "str | None"]
 PARALLEL = int(os.environ.get("MGB_MIGRATION_CHECK_PARALLEL") or max(2, os.cpu_count() or 2))
@@ -160,7 +176,8 @@ def check_alembic_round_trip(url: str, before: State) -> None:
 
 
 def check_newest_mlflow(url: str, newest: Path, workdir: Path, untagged: set[int]) -> set[int]:
-    """`mlflow db upgrade` with the newest MLflow, then its real server's UI list hides every gateway experiment.
+    """`mlflow db upgrade` with the newest MLflow (``newest``: its interpreter), then its real server's UI list
+    hides every gateway experiment.
 
     ``untagged``: the experiments the backfill tagged. Then the same running server must list them after
     ``alembic downgrade base`` (the list can show what the check looks for) and hide them again after
@@ -238,7 +255,14 @@ def checked(server, request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
         if item.originalname == "test_migration_check" and item.callspec.params["backend"] == server.backend
     }
     entries = [e for e in MATRIX if e in selected]
-    venvs = ensure_all(sorted({NEWEST, *(r for e in entries for r in MATRIX[e])}))
+    try:
+        venvs = ensure_all(sorted({NEWEST, *(r for e in entries for r in MATRIX[e])}))
+    except InstallError as exc:  # e.g. a release in MLFLOW_VERSIONS that the index does not serve (yet)
+        not_installed = str(exc)
+    else:
+        not_installed = ""
+    if not_installed:  # outside the except clause: pytest shows the message alone
+        pytest.fail(not_installed, pytrace=False)
 
     def run(entry: str) -> Outcome:
         start = time.monotonic()
@@ -264,13 +288,117 @@ def test_one_head() -> None:
     assert ScriptDirectory.from_config(Config(str(REPO / "alembic.ini"))).get_heads() == ["gateway_backfill_0001"]
 
 
+def mlflow_revision(url: str) -> str | None:
+    """The database's MLflow schema revision: its ``alembic_version`` row (None: no such table, or not one row).
+
+    Read through the tool's own engine, so a wrong URL is one line (a missing SQLite file is not created).
+    """
+    parsed = parse_url(url)
+    try:
+        engine = create_engine(parsed, read_only=True)
+        try:
+            with engine.connect() as conn:
+                if not sa.inspect(conn).has_table("alembic_version"):
+                    return None
+                rows = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+        finally:
+            engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - one line, as the tool says it
+        pytest.fail(str(describe(exc, parsed, connecting=True)), pytrace=False)
+    return str(rows[0]) if len(rows) == 1 else None
+
+
+def unknown_revision(revision: str, releases: list[str]) -> str:
+    """The one line for a copy that no release of the check can serve."""
+    return (
+        f"the copy's MLflow schema is at revision {revision!r}, which none of MLflow {', '.join(releases)} knows: "
+        f"run the check with the release your MLflow server runs (`mlflow --version`), e.g. "
+        f"{VERSIONS_VARIABLE}=3.19.0 pytest -m migration_check -k own (any release the package index serves)"
+    )
+
+
 OWN_URL = os.environ.get("MGB_MIGRATION_CHECK_URL")
 if OWN_URL:  # defined only when asked for, so that CI neither runs nor skips it
 
     def test_own_database_copy(tmp_path: Path) -> None:
-        """The same check on an operator's copy of a production database (it is modified: use a copy)."""
+        """The same check on an operator's copy of a production database (it is modified: use a copy).
+
+        Served by the newest release (of the table and ``MLFLOW_VERSIONS``) that knows the copy's MLflow
+        schema revision; when none does, one line says so before anything is changed."""
         url = str(OWN_URL)
+        revision = mlflow_revision(url)
+        if revision is None:
+            pytest.fail(
+                "the copy has no MLflow schema revision (one alembic_version row): not an MLflow database",
+                pytrace=False,
+            )
+        releases = candidates(REQUESTED)
+        try:
+            served = serving_release(revision, releases)
+        except InstallError as exc:
+            served, problem = None, str(exc)
+        else:
+            problem = unknown_revision(revision, releases)
+        if served is None:  # outside the except clause: pytest shows the message alone
+            pytest.fail(problem, pytrace=False)
         before = state(url, skip=())
         assert not set(OURS) & set(before.tables), "this copy already has the project's tables: use an older copy"
         check_alembic_round_trip(url, before)
-        check_newest_mlflow(url, python_of(ensure_all([NEWEST])[NEWEST]), tmp_path, before.to_tag())
+        check_newest_mlflow(url, python_of(served[1]), tmp_path, before.to_tag())
+
+
+# MLflow's schema heads, as each release's own migration scripts end (tests/mlflow_versions.py asks them).
+HEADS = {"2.22.5": "0584bdc529eb", "3.10.0": "1b5f0d9ad7c1", "3.17.2": "dc11669786a5", "3.18.0": "f4a9b2c7d1e6"}
+
+
+def test_each_release_reports_its_schema_head() -> None:
+    venvs = ensure_all(sorted(HEADS))
+    assert {v: schema_of(venvs[v]).head for v in HEADS} == HEADS
+    newer, older = schema_of(venvs["3.18.0"]), schema_of(venvs["3.17.2"])
+    assert older.revisions < newer.revisions and HEADS["3.18.0"] not in older.revisions
+
+
+def own_check(url: str) -> subprocess.CompletedProcess[str]:
+    """The own-copy check as docs/mlflow-versions.md tells a user to run it (no test server started)."""
+    check = ["-m", "migration_check", "-k", "own", "-n", "0", "-p", "no:cacheprovider"]
+    module = str(Path(__file__).relative_to(REPO))  # the only module with such tests: spares collecting the rest
+    command = [sys.executable, "-m", "pytest", *check, module]
+    env = {**os.environ, "MGB_MIGRATION_CHECK_URL": url, "MGB_TEST_BACKENDS": "sqlite"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+if not OWN_URL:  # it runs the check on a copy: never inside that check (and its name must not match `-k own`)
+
+    @pytest.mark.backends("sqlite", "mariadb")
+    def test_a_copy_on_a_newer_schema_is_served_by_the_newest_release_that_knows_it(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        """A copy an upgraded 3.18 user has (3.10.0's untagged gateway experiments, 3.18.0's schema): while its
+        revision is one no release knows, one line says so and nothing changes; on 3.18.0's, the check passes."""
+        url = server.new_database()
+        venvs = ensure_all(["3.10.0", "3.18.0"])
+        untagged = set(write(python_of(venvs["3.10.0"]), url, "old", tmp_path)["gateway"])
+        write(python_of(venvs["3.18.0"]), url, "new", tmp_path)
+        assert mlflow_revision(url) == HEADS["3.18.0"]
+
+        set_revision(url, "f00dfeed0000")
+        before = state(url, skip=())
+        refused = own_check(url)
+        assert refused.returncode == pytest.ExitCode.TESTS_FAILED, refused.stdout[-3000:]
+        assert "1 failed" in refused.stdout, refused.stdout[-3000:]
+        assert unknown_revision("f00dfeed0000", candidates(REQUESTED)) in refused.stdout.splitlines()
+        assert "Traceback" not in refused.stdout + refused.stderr
+        assert state(url, skip=()) == before
+
+        set_revision(url, HEADS["3.18.0"])
+        assert state(url, skip=()).to_tag() == untagged
+        passed = own_check(url)
+        assert passed.returncode == 0 and "1 passed" in passed.stdout, passed.stdout[-3000:]
+        after = state(url)
+        assert not after.to_tag() and {(e, ISGW, TRUE) for e in untagged} <= after.tags
+        assert mlflow_revision(url) == schema_of(ensure_all([NEWEST])[NEWEST]).head  # served by the newest
+
+
+def set_revision(url: str, revision: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    engine.dispose()
