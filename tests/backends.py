@@ -685,7 +685,9 @@ class PgBouncer:
         self.container.stop()
 
 
-def start_pgbouncer(postgres_container_id: str, admin_url: str, pool_mode: str, *, name: str | None = None) -> PgBouncer:
+def start_pgbouncer(
+    postgres_container_id: str, admin_url: str, pool_mode: str, *, name: str | None = None
+) -> PgBouncer:
     """Start a PgBouncer in ``pool_mode`` in front of the running PostgreSQL container, and return it once a
     login through it works (as the superuser of ``admin_url``: a real SCRAM pass-through login).
 
