@@ -743,6 +743,7 @@ def _wait_for_login(container: DockerContainer, url: sqlalchemy.URL, timeout: fl
                 password=url.password,
                 dbname=url.database,
                 connect_timeout=2,
+                autocommit=True,  # one statement, no transaction: statement pooling takes it too
                 prepare_threshold=None,
             ) as connection:
                 connection.execute("SELECT 1")
