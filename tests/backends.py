@@ -616,6 +616,34 @@ def prepare_for_poolers(admin_url: str) -> None:
             engine.dispose()
 
 
+# The pooler backends' server speaks TLS, as managed databases do, with the snake-oil certificate Debian's
+# ssl-cert package made when the image's root was built (the postgres user is in group ssl-cert): PgBouncer's
+# server connections use it (its server_tls_sslmode is prefer), and the tests of the TLS options' messages
+# (a missing root certificate or client key) need a server that answers TLS at all.
+_TLS_ON = (
+    "-c ssl=on -c ssl_cert_file=/etc/ssl/certs/ssl-cert-snakeoil.pem "
+    "-c ssl_key_file=/etc/ssl/private/ssl-cert-snakeoil.key"
+)
+
+
+def start_pooled_postgres(*, name: str | None = None) -> PostgresContainer:
+    """Start a PostgreSQL server of the ``postgresql`` backend's image, with TLS on, made ready for
+    :func:`start_pgbouncer` (:func:`prepare_for_poolers`); return its container."""
+    image = image_for("postgresql")
+    _require_local_image(image, server_backend("postgresql").variable)
+    container = _container("postgresql", image, secrets.token_hex(12), name)
+    assert isinstance(container, PostgresContainer)
+    container.with_command(_TLS_ON)
+    _start(container)
+    try:
+        url = sqlalchemy.make_url(container.get_connection_url()).set(database="postgres")
+        prepare_for_poolers(url.render_as_string(hide_password=False))
+    except BaseException:
+        container.stop()
+        raise
+    return container
+
+
 def _execute_query(url: str, statement: str) -> list[str]:
     engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
     try:

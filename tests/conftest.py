@@ -433,6 +433,8 @@ def _start_server(backend: str, tmp: Path) -> Server:
         if DIALECTS[backend] == "postgresql":
             url = url.set(drivername="postgresql+psycopg", database="postgres")
         server = Server(backend, tmp, admin_url=url.render_as_string(hide_password=False), container=container)
+    if backend in POOLERS:
+        server._copying = _pooled_copying
     engine = sa.create_engine(server.admin_url)
     try:
         with engine.connect() as conn:
@@ -449,23 +451,19 @@ def _start_server(backend: str, tmp: Path) -> Server:
 
 _pooled_lock = threading.Lock()
 _pooled: list[Any] = []  # the pooler backends' own PostgreSQL container, once started
+# Both pooler backends copy databases on that one server: a test that pauses or restarts it holds off both
+# copiers (Server.undisturbed_copies).
+_pooled_copying = threading.Lock()
 
 
 def _pooled_server() -> Any:
-    """The PostgreSQL 15 container that both pooler backends share, started (and made ready for poolers)
-    by whichever asks first."""
+    """The PostgreSQL 15 container that both pooler backends share (TLS on), started (and made ready for
+    poolers) by whichever asks first."""
     from tests import backends
 
     with _pooled_lock:
         if not _pooled:
-            container = backends.start_server("postgresql")
-            url = sa.make_url(container.get_connection_url()).set(drivername="postgresql+psycopg")
-            try:
-                backends.prepare_for_poolers(url.render_as_string(hide_password=False))
-            except BaseException:
-                container.stop()
-                raise
-            _pooled.append(container)
+            _pooled.append(backends.start_pooled_postgres())
         return _pooled[0]
 
 
