@@ -44,8 +44,9 @@ quote() { printf '"%s"' "$(printf '%s' "$1" | sed 's/"/""/g')"; }
         >/etc/pgbouncer/userlist.txt
 )
 # Settings for tests, each traded against PgBouncer's default for a reason:
-#   server_idle_timeout 30 (600): every test database gets pools of its own; their idle server connections
-#     are closed within the minute instead of piling up towards the server's max_connections;
+#   server_idle_timeout 120 (600): every test database gets pools of its own; their idle server connections
+#     are closed within two minutes instead of piling up towards the server's max_connections (still far
+#     longer than any test waits for a lock a dead client left on a pooled server connection to go);
 #   server_login_retry 1 (15) and dns_max_ttl 1 (15): after a fault test restarts the server (whose address on
 #     the network may change), the pooler connects again at once rather than refusing clients for 15 s;
 #   max_client_conn 500 (100): several test processes at once, each with a few connections.
@@ -65,7 +66,7 @@ auth_file = /etc/pgbouncer/userlist.txt
 auth_user = $MGB_PGBOUNCER_AUTH_USER
 auth_query = $auth_query
 admin_users = $MGB_PGBOUNCER_AUTH_USER
-server_idle_timeout = 30
+server_idle_timeout = 120
 server_login_retry = 1
 dns_max_ttl = 1
 EOF

@@ -620,20 +620,23 @@ def prepare_for_poolers(admin_url: str) -> None:
 # ssl-cert package made when the image's root was built (the postgres user is in group ssl-cert): PgBouncer's
 # server connections use it (its server_tls_sslmode is prefer), and the tests of the TLS options' messages
 # (a missing root certificate or client key) need a server that answers TLS at all.
-_TLS_ON = (
+# max_connections 400 (the image's 200): the poolers keep idle server connections to each test database for
+# up to two minutes (images/pgbouncer-entrypoint.sh).
+_POOLED_SERVER_OPTIONS = (
     "-c ssl=on -c ssl_cert_file=/etc/ssl/certs/ssl-cert-snakeoil.pem "
-    "-c ssl_key_file=/etc/ssl/private/ssl-cert-snakeoil.key"
+    "-c ssl_key_file=/etc/ssl/private/ssl-cert-snakeoil.key -c max_connections=400"
 )
 
 
 def start_pooled_postgres(*, name: str | None = None) -> PostgresContainer:
-    """Start a PostgreSQL server of the ``postgresql`` backend's image, with TLS on, made ready for
+    """Start a PostgreSQL server of the ``postgresql`` backend's image, with TLS on (and room for the
+    poolers' idle connections), made ready for
     :func:`start_pgbouncer` (:func:`prepare_for_poolers`); return its container."""
     image = image_for("postgresql")
     _require_local_image(image, server_backend("postgresql").variable)
     container = _container("postgresql", image, secrets.token_hex(12), name)
     assert isinstance(container, PostgresContainer)
-    container.with_command(_TLS_ON)
+    container.with_command(_POOLED_SERVER_OPTIONS)
     _start(container)
     try:
         url = sqlalchemy.make_url(container.get_connection_url()).set(database="postgres")
