@@ -109,13 +109,14 @@ def ledger_size(url: str) -> int:
         return 0
 
 
-def start_alembic(url: str, *args: str, cwd: Path = REPO) -> subprocess.Popen[str]:
+def start_alembic(url: str, *args: str) -> subprocess.Popen[str]:
     """The project's ``alembic`` command line in the background, as a user would start it."""
-    command = [sys.executable, "-m", "alembic", "-c", str(cwd / "alembic.ini"), "-x", f"database-url={url}", *args]
-    return subprocess.Popen(command, cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command = [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "-x", f"database-url={url}", *args]
+    return subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str]:
+    """Wait for a command started in the background; its exit code and what it wrote to stderr."""
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
 
@@ -344,7 +345,9 @@ def test_two_builds_of_the_tool_exclude_each_other(db: Db, tmp_path: Path) -> No
     builds = (other_build(tmp_path), REPO)
     for holder_build, blocked_build in (builds, builds[::-1]):
         done = ledger_size(db.url)
-        holder = cli_of(holder_build, "run", "--database-url", db.url, "--batch-size", "1", "--fixed", "--sleep", "0.5")
+        holder = cli_of(
+            holder_build, "run", "--database-url", db.url, "--batch-size", "1", "--fixed", "--sleep", "0.5", "-q"
+        )
         try:
             wait_for(lambda done=done: ledger_size(db.url) > done + 1, "the holder's progress", holder)
             blocked = finish(cli_of(blocked_build, "run", "--database-url", db.url, "-q"))
