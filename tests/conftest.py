@@ -483,12 +483,13 @@ def _no_prepared_statements_through_poolers(conn: sa.Connection) -> None:
     """The tests' own engines (and MLflow's, in this process) prepare no statement on the server when they
     go through a transaction- or statement-pooling PgBouncer: psycopg would prepare a query after its fifth
     run on one server connection and run it later on another, which PgBouncer 1.18 cannot follow. This is
-    what an application behind such a pooler must do (``prepare_threshold=None``). The tool's own engines
-    (``backfill.connect.create_engine``, also used in this process) are left as the tool makes them: how
-    they fare through the pooler is what the tests are about."""
+    what an application behind such a pooler must do (``prepare_threshold=None``), the one whose engine the
+    Alembic tests hand to env.py included. The tool's own engines (``backfill.connect.create_engine``, also
+    used in this process) are left as the tool makes them: how they fare through the pooler is what the
+    tests are about."""
     if conn.dialect.name != "postgresql" or not _per_transaction_poolers:
         return
-    if getattr(conn.engine, "_mgb_owned", False) or getattr(conn.dialect, "_mgb_guarded", False):
+    if getattr(conn.engine, "_mgb_owned", False):  # (an application's engine handed to Alembic is not)
         return
     raw = conn.connection.dbapi_connection
     if getattr(getattr(raw, "info", None), "port", None) in _per_transaction_poolers:
