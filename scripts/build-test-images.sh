@@ -12,6 +12,10 @@
 #   mysql          MGB_MYSQL_IMAGE         mlflow-gateway-backfill/mysql:9.7       sid: mysql-server-core (Oracle MySQL)
 #   mariadb        MGB_MARIADB_IMAGE       mlflow-gateway-backfill/mariadb:10.11   bookworm: mariadb-server
 #   mariadb-11     MGB_MARIADB_11_IMAGE    mlflow-gateway-backfill/mariadb:11.8    trixie: mariadb-server
+#   pgbouncer      MGB_PGBOUNCER_IMAGE     mlflow-gateway-backfill/pgbouncer:1.18  bookworm: pgbouncer
+#
+# pgbouncer is not a database backend: it is the connection pooler that the postgresql-pgbouncer-* test
+# backends put in front of a PostgreSQL 15 server (tests/backends.py, images/pgbouncer-entrypoint.sh).
 #
 # Idempotent: an image that exists and carries the label of its current recipe is left alone, so a
 # second run takes well under a second. The label hashes only what that image is built from (its spec_
@@ -28,7 +32,7 @@ set -euo pipefail
 self=$(realpath "${BASH_SOURCE[0]}")
 images_dir=$(dirname "$self")/../images
 cache=${MGB_ROOTFS_CACHE:-/var/cache/mgb-rootfs}
-all_backends=(postgresql postgresql-18 mysql mariadb mariadb-11)
+all_backends=(postgresql postgresql-18 mysql mariadb mariadb-11 pgbouncer)
 label_key=org.mlflow-gateway-backfill.recipe
 
 say() { echo "build-test-images: $*" >&2; }
@@ -58,6 +62,10 @@ spec_mariadb() {
 spec_mariadb_11() {
     own=mlflow-gateway-backfill/mariadb:11.8 var=MGB_MARIADB_11_IMAGE
     suite=trixie pkgs=mariadb-server kind=mariadb version=11.8
+}
+spec_pgbouncer() {
+    own=mlflow-gateway-backfill/pgbouncer:1.18 var=MGB_PGBOUNCER_IMAGE
+    suite=bookworm pkgs=pgbouncer kind=pgbouncer version=1.18
 }
 spec() { "spec_${1//-/_}"; }
 
@@ -104,6 +112,16 @@ trim_mariadb() {
     binaries=("$server" /usr/bin/mariadb /usr/bin/mariadb-admin /usr/bin/mariadb-dump /usr/bin/my_print_defaults
         "$stage"/usr/lib/mysql/plugin/*.so)
     changes=(--change 'EXPOSE 3306')
+}
+trim_pgbouncer() {
+    # Debian's package pulls in postgresql-common (Perl scripts); the pooler needs none of it, nor the
+    # servers of this root. The postgres account (made by postgresql-common) stays: PgBouncer runs as it.
+    drop_packages 'postgresql*' libpq5 'libicu[0-9]*' 'libxml2*' 'mariadb-*' 'galera-*' 'libmariadb*' 'mysql-*' \
+        'libmecab*' 'libprotobuf*' 'libgoogle-perftools*' 'libtcmalloc*' socat rsync sysstat
+    rm -rf "$stage"/var/lib/postgresql "$stage"/var/lib/mysql "$stage"/etc/postgresql "$stage"/etc/mysql
+    server=/usr/sbin/pgbouncer
+    binaries=("$server")
+    changes=(--change 'EXPOSE 6432')
 }
 
 # --- Shared build steps ----------------------------------------------------------------------------

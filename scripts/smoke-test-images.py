@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Smoke test of the test server images (scripts/build-test-images.sh) through tests/backends.py.
 
-For each backend id given (default: all five): start the server with the unmodified testcontainers
+For each backend id given (default: all five, and ``pgbouncer``): start the server with the unmodified testcontainers
 class, connect with SQLAlchemy and the project's drivers as the superuser/root and as a freshly made
 ordinary user, pipe a SQL script into the server's own client, ``docker restart`` it and log in again
 (MySQL 9.7: the first caching_sha2_password login after a restart takes the full-authentication path),
 and time a ``docker stop``. Then, per backend, a primary/replica pair: a write reaches the replica,
 the replica refuses writes, pausing replication makes it lag, resuming catches up, and replication
-survives a restart of the replica and of the primary.
+survives a restart of the replica and of the primary. ``pgbouncer`` (not a database backend): a PostgreSQL
+15 server with a PgBouncer in front of it in each pool mode; the superuser and a fresh role log in through
+it with their own passwords, a wrong password is refused, the `options` start-up parameter is refused
+(stock ``ignore_startup_parameters``), clients share the pooled server connections, statement pooling
+refuses a transaction, and a restart of the server is survived.
 
 Run from the repository with the project's venv: ``.venv/bin/python scripts/smoke-test-images.py
 [--skip-replication] [BACKEND...]``. Containers and networks are named ``mgb-smoke-*`` / ``mgb-repl-*``
@@ -233,14 +237,110 @@ def smoke_replication(backend_id: str) -> dict[str, object]:
     return result
 
 
+def pg_login(url: sa.URL, **options: object) -> tuple[int, str]:
+    """Log in with psycopg (no prepared statements) and return (server pid, current_user)."""
+    import psycopg
+
+    with psycopg.connect(
+        host=url.host,
+        port=url.port,
+        user=url.username,
+        password=url.password,
+        dbname=url.database,
+        connect_timeout=5,
+        autocommit=True,
+        prepare_threshold=None,
+        **options,
+    ) as connection:
+        row = connection.execute("SELECT pg_backend_pid(), current_user").fetchone()
+        assert row is not None
+        return int(row[0]), str(row[1])
+
+
+def smoke_pgbouncer() -> dict[str, object]:
+    """A PgBouncer in each pool mode in front of one PostgreSQL 15 server."""
+    import psycopg
+
+    result: dict[str, object] = {"backend": "pgbouncer", "image": backends.pgbouncer_image()}
+    postgres = backends.start_server("postgresql", name=f"mgb-smoke-pgbouncer-pg-{secrets.token_hex(3)}")
+    poolers: list[backends.PgBouncer] = []
+    try:
+        root = admin_url(postgres, "postgres").set(drivername="postgresql+psycopg")
+        backends.prepare_for_poolers(root.render_as_string(hide_password=False))
+        execute(root, "CREATE ROLE app LOGIN PASSWORD 'app-pw-1'", "CREATE DATABASE appdb OWNER app")
+        for mode in backends.POOL_MODES:
+            t0 = time.monotonic()
+            pooler = backends.start_pgbouncer(
+                postgres.get_wrapped_container().id,
+                root.render_as_string(hide_password=False),
+                mode,
+                name=f"mgb-smoke-pgbouncer-{mode}-{secrets.token_hex(3)}",
+            )
+            poolers.append(pooler)
+            result[f"{mode}_ready_s"] = round(time.monotonic() - t0, 1)
+            through = sa.make_url(pooler.url(root.render_as_string(hide_password=False)))
+            app = through.set(username="app", password="app-pw-1", database="appdb")
+            assert pg_login(through)[1] == root.username
+            pids = {pg_login(app)[0] for _ in range(8)}
+            assert pg_login(app)[1] == "app"
+            assert len(pids) <= pooler.pool_size, pids
+            log(
+                f"[pgbouncer {mode}] {pooler.version} ready in {result[f'{mode}_ready_s']} s; the superuser and a "
+                f"new role log in with their own passwords; 8 clients used {len(pids)} server connection(s)"
+            )
+            for refused, url, options in (
+                ("a wrong password", app.set(password="wrong"), {}),
+                ("`options`", app, {"options": "-c lock_timeout=1000"}),
+            ):
+                try:
+                    pg_login(url, **options)
+                except psycopg.OperationalError as exc:
+                    log(f"[pgbouncer {mode}] {refused} refused: {str(exc).strip().splitlines()[-1]}")
+                else:
+                    raise AssertionError(f"{mode} pooling accepted {refused}")
+            if mode == "statement":
+                try:
+                    with psycopg.connect(
+                        host=app.host, port=app.port, user=app.username, password=app.password, dbname=app.database
+                    ) as conn:
+                        conn.execute("SELECT 1")  # psycopg opens a transaction first (autocommit is off)
+                except psycopg.Error as exc:
+                    log(f"[pgbouncer {mode}] a transaction is refused: {str(exc).strip().splitlines()[0]}")
+                else:
+                    raise AssertionError("statement pooling ran a transaction of two statements")
+        result["server_restart_s"] = round(restart(postgres), 1)
+        for pooler in poolers:
+            through = sa.make_url(pooler.url(root.render_as_string(hide_password=False)))
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    pg_login(through.set(username="app", password="app-pw-1", database="appdb"))
+                    break
+                except psycopg.OperationalError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        log(f"[pgbouncer] after a restart of the server ({result['server_restart_s']} s) every pooler logs in again")
+    finally:
+        for pooler in poolers:
+            pooler.stop()
+        container_id = postgres.get_wrapped_container().id
+        postgres.stop()
+        backends.remove_pooler_network(container_id)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("backends", nargs="*", default=list(backends.SERVER_BACKENDS))
+    parser.add_argument("backends", nargs="*", default=[*backends.SERVER_BACKENDS, "pgbouncer"])
     parser.add_argument("--skip-replication", action="store_true")
     parser.add_argument("--only-replication", action="store_true")
     args = parser.parse_args()
     results = []
     for backend_id in args.backends:
+        if backend_id == "pgbouncer":
+            results.append(smoke_pgbouncer())
+            continue
         if not args.only_replication:
             results.append(smoke_server(backend_id))
         if not args.skip_replication:

@@ -20,6 +20,12 @@ start them: :func:`start_server`. :func:`start_primary_and_replica` makes a repl
 pair of our own images (their entrypoints read ``MGB_REPLICATION`` and friends; see
 images/*-entrypoint.sh).
 
+:func:`start_pgbouncer` puts a PgBouncer (``$MGB_PGBOUNCER_IMAGE``, default
+``mlflow-gateway-backfill/pgbouncer:1.18``, Debian's package; images/pgbouncer-entrypoint.sh)
+in front of a running PostgreSQL container, in one pool mode, with PgBouncer's stock
+``ignore_startup_parameters``: every role of the server logs in through it with its own
+password (``auth_query`` and SCRAM pass-through).
+
 One container per server is meant to serve a whole session; each test gets a fresh
 database on it through :func:`new_postgres_database` / :func:`new_mysql_database`.
 """
@@ -32,6 +38,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +58,7 @@ import sqlalchemy
 from docker.errors import DockerException, ImageNotFound, NotFound
 from testcontainers.community.mysql import MySqlContainer
 from testcontainers.community.postgres import PostgresContainer
+from testcontainers.core.container import DockerContainer
 from testcontainers.core.network import Network
 
 
@@ -541,3 +549,249 @@ def run_sql_in_container(container: DbContainer | SharedContainer, dialect: str,
     if result.returncode != 0:
         output = result.stderr.strip() or result.stdout.strip()
         raise RuntimeError(f"SQL script on {dialect} database {database!r} failed (exit {result.returncode}): {output}")
+
+
+# ---------------------------------------------------------------- PgBouncer in front of a PostgreSQL container
+
+PGBOUNCER_VARIABLE = "MGB_PGBOUNCER_IMAGE"
+PGBOUNCER_DEFAULT_IMAGE = "mlflow-gateway-backfill/pgbouncer:1.18"
+POOL_MODES = ("session", "transaction", "statement")
+# default_pool_size per pool mode: server connections per (database, user).
+# Transaction and statement pooling hand a server connection to a client for one transaction (statement)
+# only, so four are shared by every client of a test (the test's own engines, one or two runners and their
+# heartbeats): enough that no transaction ever waits for a server connection held by a client that is itself
+# waiting for one (no test opens more than three transactions at once on one database), few enough that
+# consecutive clients land on the same server connections (a prepared statement left behind is met again).
+# Session pooling ties a server connection to a client for the client's whole life; the tests' SQLAlchemy
+# pools keep idle clients connected, so the pool must cover every client of a test at once (about a dozen at
+# most) or a test would wait for a connection its own process holds. Server connections are still shared,
+# one client after another (PgBouncer resets each with DISCARD ALL in between).
+POOL_SIZES = {"session": 20, "transaction": 4, "statement": 4}
+# The role that may read password hashes (through a SECURITY DEFINER function), and that function: PgBouncer's
+# documented auth_query setup, as managed poolers and Kubernetes operators do it.
+_LOOKUP_ROLE = "pgbouncer_lookup"
+_AUTH_QUERY = "SELECT uname, phash FROM pgbouncer.user_lookup($1)"
+_LOOKUP_FUNCTION = f"""
+CREATE SCHEMA IF NOT EXISTS pgbouncer;
+CREATE OR REPLACE FUNCTION pgbouncer.user_lookup(i_username text, OUT uname text, OUT phash text)
+RETURNS record LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
+$$ SELECT usename::text, passwd::text FROM pg_catalog.pg_shadow WHERE usename = i_username $$;
+REVOKE ALL ON FUNCTION pgbouncer.user_lookup(text) FROM PUBLIC;
+GRANT USAGE ON SCHEMA pgbouncer TO {_LOOKUP_ROLE};
+GRANT EXECUTE ON FUNCTION pgbouncer.user_lookup(text) TO {_LOOKUP_ROLE};
+"""
+_NETWORK_PREFIX = "mgb-pgb-"
+_network_lock = threading.Lock()  # one network per server, whichever of this process's threads asks first
+_UPSTREAM_ALIAS = "postgres"
+
+
+def pgbouncer_image() -> str:
+    """Return PgBouncer's image: ``$MGB_PGBOUNCER_IMAGE``, or ours."""
+    return os.environ.get(PGBOUNCER_VARIABLE) or PGBOUNCER_DEFAULT_IMAGE
+
+
+def prepare_for_poolers(admin_url: str) -> None:
+    """Make the PostgreSQL server at ``admin_url`` (a superuser's URL) ready for :func:`start_pgbouncer`.
+
+    Creates the lookup role and, in ``template1`` and every database that exists now, the function that
+    ``auth_query`` calls (with a wildcard database entry PgBouncer 1.18 runs auth_query in the database the
+    client asked for, so every database needs it; later ones get it from template1). Idempotent.
+    """
+    url = sqlalchemy.make_url(admin_url)
+    _execute_autocommit(
+        url.set(database="postgres").render_as_string(hide_password=False),
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{_LOOKUP_ROLE}') "
+        f"THEN CREATE ROLE {_LOOKUP_ROLE} NOLOGIN; END IF; END $$",
+    )
+    databases = _execute_query(
+        url.set(database="postgres").render_as_string(hide_password=False),
+        "SELECT datname FROM pg_database WHERE datallowconn",
+    )
+    for database in databases:
+        engine = sqlalchemy.create_engine(url.set(database=database), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as connection:
+                connection.exec_driver_sql(_LOOKUP_FUNCTION)
+        finally:
+            engine.dispose()
+
+
+# The pooler backends' server speaks TLS, as managed databases do, with the snake-oil certificate Debian's
+# ssl-cert package made when the image's root was built (the postgres user is in group ssl-cert): PgBouncer's
+# server connections use it (its server_tls_sslmode is prefer), and the tests of the TLS options' messages
+# (a missing root certificate or client key) need a server that answers TLS at all.
+# max_connections 400 (the image's 200): the poolers keep idle server connections to each test database for
+# up to two minutes (images/pgbouncer-entrypoint.sh).
+_POOLED_SERVER_OPTIONS = (
+    "-c ssl=on -c ssl_cert_file=/etc/ssl/certs/ssl-cert-snakeoil.pem "
+    "-c ssl_key_file=/etc/ssl/private/ssl-cert-snakeoil.key -c max_connections=400"
+)
+
+
+def start_pooled_postgres(*, name: str | None = None) -> PostgresContainer:
+    """Start a PostgreSQL server of the ``postgresql`` backend's image, with TLS on (and room for the
+    poolers' idle connections), made ready for
+    :func:`start_pgbouncer` (:func:`prepare_for_poolers`); return its container."""
+    image = image_for("postgresql")
+    _require_local_image(image, server_backend("postgresql").variable)
+    container = _container("postgresql", image, secrets.token_hex(12), name)
+    assert isinstance(container, PostgresContainer)
+    container.with_command(_POOLED_SERVER_OPTIONS)
+    _start(container)
+    try:
+        url = sqlalchemy.make_url(container.get_connection_url()).set(database="postgres")
+        prepare_for_poolers(url.render_as_string(hide_password=False))
+    except BaseException:
+        container.stop()
+        raise
+    return container
+
+
+def _execute_query(url: str, statement: str) -> list[str]:
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            return [str(row[0]) for row in connection.execute(sqlalchemy.text(statement))]
+    finally:
+        engine.dispose()
+
+
+def _pooler_network(postgres_container_id: str) -> str:
+    """The user-defined network on which the PostgreSQL container is reachable as ``postgres``: the one made
+    for it before (by this process or another), else a new one it is attached to now (it keeps its port)."""
+    with _network_lock:
+        client = docker.from_env()
+        try:
+            container = client.containers.get(postgres_container_id)
+            for name in container.attrs["NetworkSettings"]["Networks"]:
+                if name.startswith(_NETWORK_PREFIX):
+                    return str(name)
+            name = _NETWORK_PREFIX + container.id[:12]
+            network = client.networks.create(name)
+            network.connect(container, aliases=[_UPSTREAM_ALIAS])
+            return name
+        finally:
+            client.close()
+
+
+def pooler_subnet(postgres_container_id: str) -> str:
+    """The subnet of the network of :func:`_pooler_network`: the server connections of its poolers come from it."""
+    client = docker.from_env()
+    try:
+        network = client.networks.get(_pooler_network(postgres_container_id))
+        return str(network.attrs["IPAM"]["Config"][0]["Subnet"])
+    finally:
+        client.close()
+
+
+def remove_pooler_network(postgres_container_id: str) -> None:
+    """Remove the network of :func:`_pooler_network` (after the PgBouncers on it and the server are gone)."""
+    client = docker.from_env()
+    try:
+        for network in client.networks.list(names=[_NETWORK_PREFIX + postgres_container_id[:12]]):
+            network.remove()
+    except NotFound:
+        pass
+    finally:
+        client.close()
+
+
+@dataclass
+class PgBouncer:
+    """A running PgBouncer in front of one PostgreSQL server: its container, pool mode and published port."""
+
+    container: DockerContainer
+    pool_mode: str
+    pool_size: int
+    host: str
+    port: int
+    version: str  # what its admin console says (SHOW VERSION), e.g. "PgBouncer 1.18.0"
+
+    def url(self, direct_url: str) -> str:
+        """``direct_url`` (any user, password and database of the server) through this pooler."""
+        url = sqlalchemy.make_url(direct_url).set(host=self.host, port=self.port)
+        return url.render_as_string(hide_password=False)
+
+    def stop(self) -> None:
+        self.container.stop()
+
+
+def start_pgbouncer(
+    postgres_container_id: str, admin_url: str, pool_mode: str, *, name: str | None = None
+) -> PgBouncer:
+    """Start a PgBouncer in ``pool_mode`` in front of the running PostgreSQL container, and return it once a
+    login through it works (as the superuser of ``admin_url``: a real SCRAM pass-through login).
+
+    The server must have been through :func:`prepare_for_poolers`. The pooler gets a lookup role of its own
+    (a member of the lookup role), port 6432 published on a fixed free host port, every database of the
+    server, and :data:`POOL_SIZES` server connections per database and user. ``name`` names the container.
+    """
+    if pool_mode not in POOL_MODES:
+        raise ValueError(f"pool mode {pool_mode!r}: choose from {POOL_MODES}")
+    image = pgbouncer_image()
+    _require_local_image(image, PGBOUNCER_VARIABLE)
+    network = _pooler_network(postgres_container_id)
+    auth_user, auth_password = f"pgb_{secrets.token_hex(4)}", secrets.token_hex(12)
+    _execute_autocommit(
+        sqlalchemy.make_url(admin_url).set(database="postgres").render_as_string(hide_password=False),
+        f"CREATE ROLE {auth_user} LOGIN PASSWORD '{auth_password}' IN ROLE {_LOOKUP_ROLE}",
+    )
+    container = DockerContainer(image, name=name).with_kwargs(network=network)
+    container.with_envs(
+        MGB_PGBOUNCER_UPSTREAM_HOST=_UPSTREAM_ALIAS,
+        MGB_PGBOUNCER_UPSTREAM_PORT="5432",
+        MGB_PGBOUNCER_POOL_MODE=pool_mode,
+        MGB_PGBOUNCER_POOL_SIZE=str(POOL_SIZES[pool_mode]),
+        MGB_PGBOUNCER_AUTH_USER=auth_user,
+        MGB_PGBOUNCER_AUTH_PASSWORD=auth_password,
+        MGB_PGBOUNCER_AUTH_QUERY=_AUTH_QUERY,
+    )
+    container.with_bind_ports(6432, _free_port())
+    try:
+        container.start()
+        host, port = container.get_container_host_ip(), int(container.get_exposed_port(6432))
+        probe = sqlalchemy.make_url(admin_url).set(host=host, port=port, database="postgres")
+        _wait_for_login(container, probe)
+        version = _pgbouncer_version(host, port, auth_user, auth_password)
+    except BaseException:
+        if container.get_wrapped_container() is not None:
+            container.stop()
+        raise
+    return PgBouncer(container, pool_mode, POOL_SIZES[pool_mode], host, port, version)
+
+
+def _wait_for_login(container: DockerContainer, url: sqlalchemy.URL, timeout: float = 60) -> None:
+    """Wait until ``url`` (through the pooler) logs in and answers; raise with the pooler's log if it never does."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(
+                host=url.host,
+                port=url.port,
+                user=url.username,
+                password=url.password,
+                dbname=url.database,
+                connect_timeout=2,
+                autocommit=True,  # one statement, no transaction: statement pooling takes it too
+                prepare_threshold=None,
+            ) as connection:
+                connection.execute("SELECT 1")
+                return
+        except psycopg.Error as exc:
+            if time.monotonic() > deadline:
+                logs = b"".join(container.get_logs()).decode(errors="replace")[-2000:]
+                raise RuntimeError(f"no login through PgBouncer in {timeout} s ({exc}); its log:\n{logs}") from None
+            time.sleep(0.2)
+
+
+def _pgbouncer_version(host: str, port: int, user: str, password: str) -> str:
+    """``SHOW VERSION`` on PgBouncer's admin console (which speaks the simple query protocol only)."""
+    import psycopg
+
+    with psycopg.connect(
+        host=host, port=port, user=user, password=password, dbname="pgbouncer", autocommit=True
+    ) as connection:
+        row = psycopg.ClientCursor(connection).execute("SHOW VERSION").fetchone()
+    return str(row[0]) if row else "PgBouncer (version unknown)"

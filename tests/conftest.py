@@ -1,17 +1,30 @@
 """Backends as a pytest parameter: every test that takes ``db`` runs on each server MLflow users run.
 
 Backend ids: ``sqlite``, ``postgresql`` (15), ``postgresql-18``, ``mysql`` (Oracle MySQL 9.7), ``mariadb``
-(10.11), ``mariadb-11`` (11.8); ``MGB_TEST_BACKENDS`` picks some (default: all). Servers: one container per
-backend per session, started in parallel when the session starts (tests/backends.py; images built offline by
-scripts/build-test-images.sh, never pulled), or an existing server given by ``MGB_TEST_<ID>_URL`` (e.g.
-``MGB_TEST_POSTGRESQL_18_URL``; a user that may create databases). A requested backend that cannot be
-reached fails the tests that need it; it is never skipped. pytest's header names each server and its
-version as the server reports it.
+(10.11), ``mariadb-11`` (11.8), and ``postgresql-pgbouncer-transaction`` / ``postgresql-pgbouncer-session``
+(PostgreSQL 15 through PgBouncer 1.18 in that pool mode); ``MGB_TEST_BACKENDS`` picks some (default: all).
+Servers: one container per backend per session, started in parallel when the session starts
+(tests/backends.py; images built offline by scripts/build-test-images.sh, never pulled), or an existing
+server given by ``MGB_TEST_<ID>_URL`` (e.g. ``MGB_TEST_POSTGRESQL_18_URL``; a user that may create
+databases). A requested backend that cannot be reached fails the tests that need it; it is never skipped.
+pytest's header names each server and its version as the server reports it.
 
 ``@pytest.mark.backends(...)`` limits a test to some backends, named by id or by SQL dialect
 (``postgresql`` and ``mysql`` stand for their whole family: ``backends("mysql")`` is Oracle MySQL and both
 MariaDBs). Each test gets a fresh database holding MLflow's schema (copied from a template that real
 MLflow created once per session) and no data besides MLflow's Default experiment.
+
+The pooler backends (:data:`POOLERS`) share one PostgreSQL 15 server of their own (not the ``postgresql``
+backend's, which fault tests pause and restart), each with a PgBouncer in front of it in its pool mode, and
+run on one xdist worker (group ``pgbouncer``). A test's database is made and copied on the server directly;
+the URL the test gets (``db.url``, ``server.url_for``) goes through the pooler, and ``server.direct_url_for``
+reaches the same database without it. They run the tests of :data:`POOLER_MODULES` (behaviour, live safety,
+Alembic), whose dialect markers (``backends("postgresql")``) include them, and elsewhere only the tests
+that name them by id: a ``backends("postgresql")`` test in another module stays off them. An existing stack
+is given by ``MGB_TEST_<ID>_URL`` (the server, directly) and ``MGB_TEST_<ID>_POOLER_URL`` (the same user
+through the pooler). The tests' own engines on a pooler disable psycopg's server-side prepared statements
+(:func:`_no_prepared_statements_through_poolers`), as an application behind PgBouncer 1.18 must; the
+tool's engines are left as the tool makes them.
 """
 
 from __future__ import annotations
@@ -34,7 +47,9 @@ import sqlalchemy as sa
 
 from tests.mlflow_data import mlflow_store
 
-BACKENDS = ("sqlite", "postgresql", "postgresql-18", "mysql", "mariadb", "mariadb-11")
+# PostgreSQL 15 through PgBouncer, by pool mode.
+POOLERS = {"postgresql-pgbouncer-transaction": "transaction", "postgresql-pgbouncer-session": "session"}
+BACKENDS = ("sqlite", "postgresql", "postgresql-18", "mysql", "mariadb", "mariadb-11", *POOLERS)
 DIALECTS = {
     "sqlite": "sqlite",
     "postgresql": "postgresql",
@@ -42,9 +57,11 @@ DIALECTS = {
     "mysql": "mysql",
     "mariadb": "mysql",
     "mariadb-11": "mysql",
-}
+} | dict.fromkeys(POOLERS, "postgresql")
 FLAVORS = {"sqlite": "sqlite", "postgresql": "postgresql", "postgresql-18": "postgresql", "mysql": "mysql"}
-FLAVORS |= {"mariadb": "mariadb", "mariadb-11": "mariadb"}
+FLAVORS |= {"mariadb": "mariadb", "mariadb-11": "mariadb"} | dict.fromkeys(POOLERS, "postgresql")
+# The modules whose tests run on the pooler backends without naming them (see the module docstring).
+POOLER_MODULES = ("test_backfill.py", "test_live.py", "test_alembic.py")
 
 
 def selected_backends() -> list[str]:
@@ -58,13 +75,28 @@ def selected_backends() -> list[str]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
-        backends = selected_backends()
         only = metafunc.definition.get_closest_marker("backends")
-        if only:
-            backends = [b for b in backends if b in only.args or DIALECTS[b] in only.args]
-        # Each test carries its backend as its pytest-xdist group (--dist loadgroup): one worker per server.
-        params = [pytest.param(b, id=b, marks=pytest.mark.xdist_group(b)) for b in backends]
+        pooler_module = metafunc.definition.path.name in POOLER_MODULES
+        backends = [b for b in selected_backends() if _runs_on(b, only.args if only else None, pooler_module)]
+        # Each test carries its backend's pytest-xdist group (--dist loadgroup): one worker per server.
+        params = [pytest.param(b, id=b, marks=pytest.mark.xdist_group(_group(b))) for b in backends]
         metafunc.parametrize("backend", params, scope="session")
+
+
+def _runs_on(backend: str, named: tuple[str, ...] | None, pooler_module: bool) -> bool:
+    """Whether a test limited to ``named`` (None: not limited) runs on ``backend``: named by id, always; a
+    pooler backend otherwise only in :data:`POOLER_MODULES`; the others when ``named`` is None or names
+    their dialect."""
+    if named is not None and backend in named:
+        return True
+    if backend in POOLERS and not pooler_module:
+        return False
+    return named is None or DIALECTS[backend] in named
+
+
+def _group(backend: str) -> str:
+    """The pytest-xdist group: the backend, or ``pgbouncer`` for both pooler backends (they share a server)."""
+    return "pgbouncer" if backend in POOLERS else backend
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -96,6 +128,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             if srv.admin_url and srv.container is not None:
                 os.environ[_env(backend, "URL")] = srv.admin_url
                 os.environ[_env(backend, "CONTAINER")] = srv.container.get_wrapped_container().id
+            if srv.pooler_url:
+                os.environ[_env(backend, "POOLER_URL")] = srv.pooler_url
 
 
 def _env(backend: str, what: str) -> str:
@@ -137,7 +171,11 @@ class Server:
     container: Any = None
     template: str | None = None
     created: list[str] = field(default_factory=list)
-    version: str = ""  # what the server says it is (SELECT version())
+    version: str = ""  # what the server says it is (SELECT version()), and the pooler in front of it
+    # Pooler backends: the superuser's URL through the pooler (url_for goes through it), and the PgBouncer
+    # started for this session (None when another process started it).
+    pooler_url: str | None = None
+    pooler: Any = None
     # The copier of :meth:`new_mlflow_database`: copies made ahead, the lock each copy is made under.
     _ready: queue.Queue[str | Exception] = field(default_factory=lambda: queue.Queue(maxsize=2), repr=False)
     _copying: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -161,8 +199,15 @@ class Server:
             engine.dispose()
 
     def url_for(self, name: str) -> str:
+        """Database ``name``'s URL as the tests use it (through the pooler on the pooler backends)."""
         if self.dialect == "sqlite":
             return f"sqlite:///{self.tmp / (name + '.db')}"
+        return sa.make_url(self.pooler_url or self.admin_url).set(database=name).render_as_string(hide_password=False)
+
+    def direct_url_for(self, name: str) -> str:
+        """Database ``name``'s URL on the server itself (the same as :meth:`url_for` but on pooler backends)."""
+        if self.pooler_url is None:
+            return self.url_for(name)
         return sa.make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
 
     def new_database(self, name: str | None = None) -> str:
@@ -186,7 +231,10 @@ class Server:
         """
         if self.template is None:
             self.template = f"tmpl_{uuid.uuid4().hex[:8]}"
-            mlflow_store(self.new_database(self.template)).engine.dispose()
+            self.new_database(self.template)
+            # Directly: a pooler would keep a server connection to the template, and nobody may be
+            # connected to a database that is copied.
+            mlflow_store(self.direct_url_for(self.template)).engine.dispose()
             self._filler = threading.Thread(target=self._fill, name=f"copies-{self.backend}", daemon=True)
             self._filler.start()
         made = self._ready.get(timeout=300)
@@ -238,11 +286,26 @@ class Server:
         if self.dialect == "sqlite":
             shutil.copyfile(self.tmp / f"{source}.db", self.tmp / f"{name}.db")
         elif self.dialect == "postgresql":
+            self._close_pooled_connections(source)
             self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
         else:
             self._copy_mysql(source, name)
         self.created.append(name)
         return self.url_for(name)
+
+    def _close_pooled_connections(self, database: str) -> None:
+        """End the idle server connections a pooler keeps to ``database`` (its clients have gone; PgBouncer
+        opens new ones when needed): CREATE DATABASE ... TEMPLATE refuses a database anyone is connected to.
+        Only the pooler's (they come from its network); a connection in use is left alone, and the copy fails."""
+        if self.pooler_url is None or self.container is None:
+            return
+        from tests.backends import pooler_subnet
+
+        subnet = pooler_subnet(self.container.get_wrapped_container().id)
+        self._admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{database}' AND state = 'idle' AND client_addr << inet '{subnet}'"
+        )
 
     def _copy_mysql(self, source: str, target: str) -> None:
         # MySQL has no template databases: replay SHOW CREATE TABLE (keeps foreign keys) and copy the rows.
@@ -348,6 +411,20 @@ def _start_server(backend: str, tmp: Path) -> Server:
                 os.environ[_env(backend, "CONTAINER")], admin.username or "", admin.password or ""
             )
         server = Server(backend, tmp, admin_url=admin.render_as_string(hide_password=False), container=container)
+        if backend in POOLERS:
+            pooled = os.environ.get(_env(backend, "POOLER_URL"))
+            if not pooled:
+                raise RuntimeError(f"{_env(backend, 'URL')} is set but {_env(backend, 'POOLER_URL')} is not")
+            server.pooler_url = parse_url(pooled).set(database="postgres").render_as_string(hide_password=False)
+    elif backend in POOLERS:
+        from tests import backends
+
+        container = _pooled_server()
+        url = sa.make_url(container.get_connection_url()).set(drivername="postgresql+psycopg", database="postgres")
+        admin_url = url.render_as_string(hide_password=False)
+        pooler = backends.start_pgbouncer(container.get_wrapped_container().id, admin_url, POOLERS[backend])
+        server = Server(backend, tmp, admin_url=admin_url, container=container, pooler=pooler)
+        server.pooler_url = pooler.url(admin_url)
     else:
         from tests import backends
 
@@ -356,17 +433,67 @@ def _start_server(backend: str, tmp: Path) -> Server:
         if DIALECTS[backend] == "postgresql":
             url = url.set(drivername="postgresql+psycopg", database="postgres")
         server = Server(backend, tmp, admin_url=url.render_as_string(hide_password=False), container=container)
+    if backend in POOLERS:
+        server._copying = _pooled_copying
     engine = sa.create_engine(server.admin_url)
     try:
         with engine.connect() as conn:
             server.version = str(conn.execute(sa.text("SELECT version()")).scalar())
     finally:
         engine.dispose()
+    if server.pooler_url:
+        if POOLERS[backend] != "session":
+            pooled_per_transaction(server.pooler_url)
+        pooler = server.pooler.version if server.pooler else f"the pooler at {sa.make_url(server.pooler_url).host}"
+        server.version += f", through {pooler} ({POOLERS[backend]} pooling)"
     return server
+
+
+_pooled_lock = threading.Lock()
+_pooled: list[Any] = []  # the pooler backends' own PostgreSQL container, once started
+# Both pooler backends copy databases on that one server: a test that pauses or restarts it holds off both
+# copiers (Server.undisturbed_copies).
+_pooled_copying = threading.Lock()
+
+
+def _pooled_server() -> Any:
+    """The PostgreSQL 15 container that both pooler backends share (TLS on), started (and made ready for
+    poolers) by whichever asks first."""
+    from tests import backends
+
+    with _pooled_lock:
+        if not _pooled:
+            _pooled.append(backends.start_pooled_postgres())
+        return _pooled[0]
 
 
 _servers: dict[str, Server] = {}
 _failed: dict[str, str] = {}
+# The ports of the poolers that hand out a server connection per transaction (not per session).
+_per_transaction_poolers: set[int] = set()
+
+
+def pooled_per_transaction(url: str) -> None:
+    """Mark the pooler ``url`` points at as one that shares server connections between transactions."""
+    _per_transaction_poolers.add(sa.make_url(url).port or 0)
+
+
+@sa.event.listens_for(sa.Engine, "engine_connect")
+def _no_prepared_statements_through_poolers(conn: sa.Connection) -> None:
+    """The tests' own engines (and MLflow's, in this process) prepare no statement on the server when they
+    go through a transaction- or statement-pooling PgBouncer: psycopg would prepare a query after its fifth
+    run on one server connection and run it later on another, which PgBouncer 1.18 cannot follow. This is
+    what an application behind such a pooler must do (``prepare_threshold=None``), the one whose engine the
+    Alembic tests hand to env.py included. The tool's own engines (``backfill.connect.create_engine``, also
+    used in this process) are left as the tool makes them: how they fare through the pooler is what the
+    tests are about."""
+    if conn.dialect.name != "postgresql" or not _per_transaction_poolers:
+        return
+    if getattr(conn.engine, "_mgb_owned", False):  # (an application's engine handed to Alembic is not)
+        return
+    raw = conn.connection.dbapi_connection
+    if getattr(getattr(raw, "info", None), "port", None) in _per_transaction_poolers:
+        raw.prepare_threshold = None  # type: ignore[union-attr]
 
 
 @pytest.fixture(scope="session")
@@ -384,15 +511,24 @@ def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    from tests.backends import SharedContainer
+    from tests.backends import SharedContainer, remove_pooler_network
 
-    for srv in _servers.values():
-        try:
+    try:
+        for srv in _servers.values():
             srv.stop_copies()
             srv.drop_all()
-        finally:
-            if srv.container is not None and not isinstance(srv.container, SharedContainer):
-                srv.container.stop()
+    finally:
+        for srv in _servers.values():
+            if srv.pooler is not None:
+                srv.pooler.stop()
+        # The pooler backends' server is in _pooled (even when no pooler could start) and in two Servers.
+        containers = {id(c): c for c in [*_pooled, *(srv.container for srv in _servers.values())] if c is not None}
+        for container in containers.values():
+            if not isinstance(container, SharedContainer):
+                container_id = container.get_wrapped_container().id
+                container.stop()
+                if container in _pooled:
+                    remove_pooler_network(container_id)
 
 
 @dataclass
@@ -411,6 +547,12 @@ class Db:
     @property
     def flavor(self) -> str:
         return FLAVORS[self.backend]
+
+    @property
+    def direct_url(self) -> str:
+        """This database on the server itself, not through the pooler (the same as ``url`` but on the pooler
+        backends)."""
+        return self.server.direct_url_for(sa.make_url(self.url).database or "")
 
     def tags(self) -> set[tuple[int, str, str | None]]:
         tags = sa.Table("experiment_tags", sa.MetaData(), autoload_with=self.engine)
