@@ -181,6 +181,8 @@ def prepare_session(conn: Connection, timeouts: Timeouts) -> Connection:
     """The limits of :func:`create_engine` on a connection of an engine the tool did not create (an
     application's, handed to the Alembic revision): for every transaction the tool begins on it."""
     if conn.dialect.name == "postgresql":
+        # No server-side prepared statement on it either (see create_engine): it may be a pooled connection.
+        conn.connection.dbapi_connection.prepare_threshold = None
         return conn.execution_options(**{SETUP: pg_transaction_setup(timeouts)})
     if conn.dialect.name == "mysql":
         _mysql_session(conn.connection.dbapi_connection, timeouts)

@@ -244,6 +244,7 @@ _TRANSIENT_TEXT = (
     "connection refused",
     "server closed the connection",
     "the database system is",
+    "server login has been failing",  # PgBouncer, for a moment after its server restarted (no SQLSTATE)
 )
 
 

@@ -107,9 +107,10 @@ def parse_url(raw: str) -> URL:
             authority.count("@") > 1
             or (url.host and ("@" in url.host or "/" in url.host))
             or "@" in (url.database or "")
+            or any("=" not in part and "@" in part for part in raw.partition("?")[2].split("&"))  # a '?' in it
         ):
             raise BackfillError(
-                f"malformed database URL: the user or password holds an unencoded '@' or '/'{_ENCODING_HINT}",
+                f"malformed database URL: the user or password holds an unencoded character{_ENCODING_HINT}",
                 ExitCode.USAGE,
             )
         if backend == "mysql" and not url.database:
