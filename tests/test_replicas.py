@@ -319,13 +319,7 @@ def test_a_stop_during_the_final_wait_is_not_done(pair: Pair, replicated: tuple[
     finally:
         backends.resume_replication(pair.replica)
     final = run_cli(
-        command,
-        "--database-url",
-        db.url,
-        "--replica-url",
-        replica_url,
-        "-q",
-        *(["--yes"] if command == "revert" else []),
+        command, "--database-url", db.url, "--replica-url", replica_url, *(["--yes"] if command == "revert" else ["-q"])
     )
     assert final.returncode == 0, final.stderr
     assert replica_tagged(replica_url) == (set() if command == "revert" else set(range(1000, 1060)))
