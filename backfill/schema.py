@@ -198,10 +198,10 @@ def _inspect(conn: Connection, explicit: str | None) -> Target:
         flavor = "mariadb" if getattr(conn.dialect, "is_mariadb", False) else "mysql"
     inspector = sa.inspect(conn)
     where = display(conn.engine.url)
-    if dialect == "postgresql" and schema is None:
-        missing = ["experiments", "experiment_tags"]
-    else:
-        missing = [t for t in REQUIRED_COLUMNS if not inspector.has_table(t, schema=schema)]
+    # The tables the user can see (on the MySQL family, has_table() would DESCRIBE each, which a user without
+    # privileges on a project table, such as a reader on the lease, is refused: exit 5 for nothing).
+    tables = set() if dialect == "postgresql" and schema is None else set(inspector.get_table_names(schema=schema))
+    missing = [t for t in REQUIRED_COLUMNS if t not in tables]
     if missing:
         raise BackfillError(
             f"{where} is not an MLflow tracking database (no table {', '.join(missing)}"
@@ -217,9 +217,9 @@ def _inspect(conn: Connection, explicit: str | None) -> Target:
         schema=schema,
         database=database,
         prefix=prefix,
-        has_runs=inspector.has_table(sql.RUNS_TABLE, schema=schema),
-        has_ledger=inspector.has_table(sql.LEDGER_TABLE, schema=schema),
-        has_lease=inspector.has_table(sql.LOCK_TABLE, schema=schema),
+        has_runs=sql.RUNS_TABLE in tables,
+        has_ledger=sql.LEDGER_TABLE in tables,
+        has_lease=sql.LOCK_TABLE in tables,
     )
 
 
