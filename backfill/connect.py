@@ -71,7 +71,7 @@ def create_engine(url: URL, timeouts: Timeouts | None = None, read_only: bool = 
     seconds = max(2, math.ceil(timeouts.connect))  # whole seconds; libpq treats less than 2 as 2
     if backend == "sqlite":
         url = _sqlite_url(url, read_only)
-        connect_args["timeout"] = timeouts.lock  # the busy timeout
+        connect_args["timeout"] = min(timeouts.lock, retry.SQLITE_BUSY_STEP)  # the rest is waited in steps (retry)
     elif backend == "postgresql":
         # Given at start-up, so even the first statement runs under them, with no extra round trip.
         limits = (

@@ -205,13 +205,13 @@ class Backfill:
 
     # ---------------------------------------------------------------- revert
 
-    def revert(self, should_stop: Callable[[], bool] = lambda: False) -> RevertReport:
+    def revert(self, should_stop: Callable[[], bool] = lambda: False, progress: Progress | None = None) -> RevertReport:
         """Remove exactly the rows the ledger says this project inserted."""
         with self.session() as (conn, target):
             if not target.has_ledger:
                 return RevertReport(0, 0, 0.0)
             with RunnerLock(conn, target) as lock:
-                return self.revert_locked(conn, target, lock, should_stop)
+                return self.revert_locked(conn, target, lock, should_stop, progress=progress)
 
     def revert_locked(
         self,
@@ -220,6 +220,7 @@ class Backfill:
         lock: RunnerLock,
         should_stop: Callable[[], bool] = lambda: False,
         again: str = "`revert`",
+        progress: Progress | None = None,
     ) -> RevertReport:
         """`revert` on a connection that holds the lock. Needs only the ledger (not the runs table)."""
         if not target.has_ledger:
@@ -227,7 +228,7 @@ class Backfill:
         with _before_writing(should_stop, f"nothing was removed: {again} again to start"):
             self._retried(conn, lambda: self._probe(conn, target.sql.begin_write, target.sql.probe_revert))
         with self._replicas(target) as replicas:
-            return RevertWalk(conn, target, lock, self.settings, should_stop, again, replicas).run()
+            return RevertWalk(conn, target, lock, self.settings, should_stop, again, replicas, progress).run()
 
     def ledger_rows(self, conn: Connection, target: Target) -> int:
         """How many rows the ledger still lists (a ledger that lists rows is never dropped)."""
