@@ -56,7 +56,7 @@ class Stop:
             self.requested = signum
             _hurry = True
             _stopping()  # cleaning up now: nothing may interrupt recording the stop
-            raise StopNow
+            raise StopNow(f"{self.reason}, at once")
         self.requested = signum
         output.notice(f"\n{signal.Signals(signum).name}: stopping after the current batch")
 
