@@ -188,19 +188,19 @@ class Backfill:
     def _probe(conn: Connection, begin: str, statements: tuple[str, ...]) -> None:
         """Fail before anything is written when the user may not write (statements that match no row,
         rolled back)."""
-        conn.exec_driver_sql(begin)
-        try:
+        with transaction(conn, begin, keep=False):
             for statement in statements:
                 conn.execute(sa.text(statement))
-        finally:
-            recover(conn)
 
     @staticmethod
     def _ensure_tables(conn: Connection, target: Target) -> Target:
         if target.has_runs and target.has_ledger:
             return target
-        with transaction(conn, target.sql.begin_write):
+        if target.dialect == "mysql":  # DDL commits there at once: no transaction (nor savepoint) can hold it
             metadata.create_all(target.tables(conn), checkfirst=True)
+        else:
+            with transaction(conn, target.sql.begin_write):
+                metadata.create_all(target.tables(conn), checkfirst=True)
         return dataclasses.replace(target, has_runs=True, has_ledger=True)
 
     # ---------------------------------------------------------------- revert

@@ -3,44 +3,54 @@
 MLflow keeps its own history in ``alembic_version`` and refuses to start when that table holds a revision
 it does not know, so this project's history lives in ``alembic_version_gateway_backfill``, in the schema of
 MLflow's tables (MLflow's "is this database empty" check also ignores tables whose names start with
-``alembic_``).
+``alembic_``). A downgrade to base drops it too (once empty), so that nothing of the project is left.
 
 The connection: the one handed over in ``config.attributes["connection"]`` (Alembic's recipe for sharing a
-connection; how pytest-alembic and application code drive migrations), else one opened on the URL
-resolved like the CLI's (``-x database-url=URL``, ``$DATABASE_URL``, ``$MLFLOW_BACKEND_STORE_URI``,
-``$MLFLOW_TRACKING_URI`` when it is a database URI, ``sqlite:///mlflow.db``). ``-x`` also takes the run's
-tunables under the CLI's option names (``-x sleep=0.1 -x batch-size=500``); an unknown key is refused.
+connection; how pytest-alembic and application code drive migrations): a Connection, an Engine, or anything
+whose ``connect()`` gives a Connection (pytest-alembic hands over an Engine, or a connection wrapped to look
+like one). Else one opened on the URL resolved like the CLI's (``-x database-url=URL``, ``$DATABASE_URL``,
+``$MLFLOW_BACKEND_STORE_URI``, ``$MLFLOW_TRACKING_URI`` when it is a database URI, ``sqlite:///mlflow.db``).
+``-x`` also takes the run's tunables under the CLI's option names (``-x sleep=0.1 -x batch-size=500``); an
+unknown key is refused. A connection handed over inside a transaction of the caller's keeps the whole
+migration inside that transaction (backfill/migration.py).
 
 Before Alembic writes anything (its version table included), a command that changes the database takes
 the single-runner lock on a connection of its own, which the revision's batches then use; the lock is held
-until the command ends. Every statement, Alembic's own included, runs under the watchdog's limits, and a
-signal ends the command the CLI's way (exit 7, resumable).
+until the command ends. Every statement, Alembic's own included, runs under the watchdog's limits.
+
+Command line or Python: from ``alembic``'s command line (Alembic's own ``main`` sets ``config.cmd_opts``),
+a failure ends the process with one line and the CLI's exit code, a signal ends the command the CLI's way
+(exit 7, resumable), and replica waits are reported on stderr. Called from Python (``alembic.command.upgrade``
+with a ``Config`` of one's own; pytest-alembic), a failure is raised, as a ``BackfillError`` (an Exception
+with the exit code as ``.code``) or SQLAlchemy's own error, and the process's signal handlers are left alone.
 """
 
 from __future__ import annotations
 
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 
 import click
+import sqlalchemy as sa
 from alembic import context
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from backfill import signals
+from backfill import output, signals
 from backfill.cli import TUNABLES, settings_from
-from backfill.connect import close, connect, create_engine
+from backfill.connect import SAVEPOINTS, close, connect, create_engine, prepare_session
 from backfill.errors import BackfillError, ExitCode, describe
 from backfill.lock import RunnerLock
 from backfill.migration import KEY, Shared, job_connection
 from backfill.retry import guard, limits
-from backfill.schema import inspect_target
+from backfill.schema import Target, inspect_target
 from backfill.sql import VERSION_TABLE
 from backfill.urls import parse_url, resolve_url
 from backfill.walk import Settings
 
 config = context.config
 X_KEYS = ("database-url", "replica-url", *TUNABLES)
+FROM_COMMAND_LINE = config.cmd_opts is not None  # see the module docstring
 
 
 def _x_arguments() -> tuple[str | None, Settings]:
@@ -87,30 +97,74 @@ def _changes_the_database() -> bool:
 
 
 def _migrate(conn: Connection, settings: Settings, stack: ExitStack) -> None:
+    in_callers_transaction = conn.in_transaction()  # before the inspection's reads begin one
     target = inspect_target(conn)  # before anything is written: a non-MLflow database gets nothing
-    if conn.in_transaction() and not isinstance(config.attributes.get("connection"), Connection):
+    if conn.in_transaction() and not in_callers_transaction:
         conn.rollback()  # the inspection's reads; Alembic begins its own transaction
-    if _changes_the_database():
-        job_conn = stack.enter_context(job_connection(conn.engine, settings.timeouts))
-        lock = RunnerLock(job_conn, target)
-        lock.acquire()
-        stack.callback(lock.release)
-        stop = stack.enter_context(signals.handled())
-        config.attributes[KEY] = Shared(job_conn, target, lock, stop, settings)
+    changes = _changes_the_database()
+    if changes:
+        config.attributes[KEY] = _shared(conn, target, settings, in_callers_transaction, stack)
+        stack.callback(config.attributes.pop, KEY, None)
     context.configure(connection=conn, version_table=VERSION_TABLE, version_table_schema=target.schema)
     with context.begin_transaction():
         context.run_migrations()
+        at_base = changes and not context.get_context().get_current_heads()
+    if at_base:
+        _drop_version_table(conn, target, in_callers_transaction)
+
+
+def _drop_version_table(conn: Connection, target: Target, in_callers_transaction: bool) -> None:
+    """After a downgrade to base, Alembic's (empty) version table goes too, so that nothing of the project is
+    left: in the caller's transaction, else in one of its own (Alembic has committed its work by now; what
+    it left open holds only its reading of the version table)."""
+    if not in_callers_transaction and conn.in_transaction():
+        conn.commit()
+    with nullcontext() if in_callers_transaction else conn.begin():
+        sa.Table(VERSION_TABLE, sa.MetaData(), schema=target.schema).drop(conn, checkfirst=True)
+
+
+def _shared(
+    conn: Connection, target: Target, settings: Settings, in_callers_transaction: bool, stack: ExitStack
+) -> Shared:
+    """The single-runner lock, on the connection the batches will use, and what the revision needs."""
+    if in_callers_transaction:  # the batches become savepoints of the caller's transaction, on its connection
+        job_conn = conn.execution_options(**{SAVEPOINTS: True})
+        stack.callback(conn.execution_options, **{SAVEPOINTS: False})
+        prepare_session(job_conn, settings.timeouts)
+    else:
+        job_conn = stack.enter_context(job_connection(conn.engine, settings.timeouts))
+    lock = RunnerLock(job_conn, target)
+    lock.acquire()
+    stack.callback(lock.release)
+    if not FROM_COMMAND_LINE:  # the application's signals are the application's
+        return Shared(job_conn, target, lock, lambda: False, settings, in_callers_transaction)
+    stop = stack.enter_context(signals.handled())
+    return Shared(job_conn, target, lock, stop, settings, in_callers_transaction, output.Bar(False, waits=True))
+
+
+def _connection(given: object, stack: ExitStack) -> Connection:
+    """A Connection from what was handed over: itself, or what its ``connect()`` gives (an Engine's)."""
+    if isinstance(given, Engine):
+        guard(given)
+    conn = given if isinstance(given, Connection) else None
+    if conn is None and callable(getattr(given, "connect", None)):
+        conn = stack.enter_context(given.connect())  # type: ignore[attr-defined]
+    if not isinstance(conn, Connection):
+        raise BackfillError(
+            f"config.attributes['connection'] is a {type(given).__name__}: hand over a SQLAlchemy Connection or Engine",
+            ExitCode.USAGE,
+        )
+    guard(conn.engine)
+    return conn
 
 
 def run_migrations_online() -> None:
     explicit_url, settings = _x_arguments()
-    given: Connection | Engine | None = config.attributes.get("connection")
+    given = config.attributes.get("connection")
     with ExitStack() as stack, limits(settings.timeouts):
-        if isinstance(given, Engine):  # handed an engine (pytest-alembic does): a connection of it
-            given = stack.enter_context(guard(given).connect())
         if given is not None:
-            url = guard(given.engine).url
-            conn = given
+            conn = _connection(given, stack)
+            url = conn.engine.url
         else:
             url = parse_url(resolve_url(explicit_url).url)
             engine = create_engine(url, settings.timeouts)
@@ -125,18 +179,23 @@ def run_migrations_online() -> None:
 
 
 def main() -> None:
+    run = run_migrations_offline if context.is_offline_mode() else run_migrations_online
+    if not FROM_COMMAND_LINE:  # from Python: errors are raised to the caller
+        run()
+        return
+    signals.install()  # a signal from here on ends the command the CLI's way
     try:
-        if context.is_offline_mode():
-            run_migrations_offline()
-        else:
-            run_migrations_online()
+        run()
     except BackfillError as error:
         # One line and the documented exit code, as from the CLI (alembic would print a traceback).
-        print(f"Error: {error}", file=sys.stderr)
+        output.error(str(error))
         sys.exit(int(error.code))
-    except KeyboardInterrupt:
-        print("Error: interrupted; nothing was left half-written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        output.error(f"{exc or 'interrupted'}; nothing was left half-written")
         sys.exit(int(ExitCode.STOPPED))
+    finally:
+        signals.ignore()  # the outcome is decided: no late signal may end the process by itself
+        output.flush()
 
 
 main()
