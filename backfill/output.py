@@ -86,6 +86,22 @@ def flush() -> None:
             _write(stream, "")
 
 
+class _Guarded:
+    """A stream for tqdm, which writes on its own: each write goes through :func:`_write`."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        _write(self._stream, text)
+
+    def flush(self) -> None:
+        _write(self._stream, "")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 class Bar:
     """Progress on stderr: a tqdm bar (rate, ETA) on a terminal, a plain line every ``every`` seconds
     otherwise (``progress``); and while a replica holds the work, a "waiting for replica" line at most
@@ -108,7 +124,7 @@ class Bar:
         if self.progress and self.tty:
             from tqdm import tqdm  # only on a terminal (it takes a tenth of a second to import)
 
-            self.bar = tqdm(total=total, unit="exp", desc="backfill", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, unit="exp", desc="backfill", file=_Guarded(sys.stderr), dynamic_ncols=True)
 
     def advance(self, scanned: int, inserted: int) -> None:
         self.done += scanned
@@ -138,7 +154,7 @@ class Bar:
         state = lag.reason or f"lag {lag.seconds:.1f} s, {lag.pending} batches behind"
         message = f"waiting for replica {lag.replica}: {state}"
         if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
+            self.bar.write(message, file=_Guarded(sys.stderr))
         else:
             line(message, err=True)
 

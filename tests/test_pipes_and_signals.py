@@ -161,6 +161,7 @@ def _started(proc: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 60
     while not _handles_sigterm(proc.pid):
         assert proc.poll() is None and time.monotonic() < deadline, "no signal handler installed"
+        time.sleep(0.001)
     assert "sqlalchemy" not in Path(f"/proc/{proc.pid}/maps").read_text(), "signals handled only after the imports"
 
 
