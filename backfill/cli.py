@@ -312,7 +312,7 @@ def run(
             max_replica_lag=max_replica_lag,
             replica_timeout=replica_timeout,
         )
-        progress = not quiet and not (as_json and not sys.stderr.isatty())
+        progress = not quiet and not (as_json and not output.terminal(sys.stderr))
         bar = output.Bar(progress=progress, waits=not quiet, as_json=as_json)
         report = job.run(progress=bar, should_stop=stop)
         where = display(job.engine.url)
@@ -507,7 +507,7 @@ def revert(
             replica_timeout=replica_timeout,
         )
         prompt = f"Remove the isGateway tags this tool inserted on {display(job.engine.url)}?"
-        if not yes and sys.stdin.isatty():
+        if not yes and output.terminal(sys.stdin):
             try:
                 confirmed = _confirm(prompt)
             except KeyboardInterrupt:

@@ -37,7 +37,9 @@ def _discard(fd: int) -> None:
         os.close(null)
 
 
-def _write(stream: TextIO, text: str) -> None:
+def _write(stream: TextIO | None, text: str) -> None:
+    if stream is None:  # the descriptor was closed before Python started (`run >&-`): Python made it None
+        return
     try:
         stream.write(text)
         stream.flush()
@@ -47,6 +49,11 @@ def _write(stream: TextIO, text: str) -> None:
         _discard(stream.fileno())
         with suppress(OSError):
             stream.flush()  # what the failed flush left in the buffer, to /dev/null
+
+
+def terminal(stream: TextIO | None) -> bool:
+    """Whether ``stream`` is a terminal (None, for a descriptor closed before Python started, is not)."""
+    return stream is not None and stream.isatty()
 
 
 def line(text: str, err: bool = False) -> None:
@@ -73,10 +80,14 @@ def notice(text: str) -> None:
     """A line on stderr from a signal handler: straight to the file descriptor, past Python's buffer (a
     handler may run while that buffer is being written to, which would raise "reentrant call")."""
     try:
-        os.write(2, (text + "\n").encode(errors="replace"))
+        fd = sys.stderr.fileno()  # None (closed at start): the descriptor may be a database socket by now
+    except (AttributeError, OSError, ValueError):
+        return
+    try:
+        os.write(fd, (text + "\n").encode(errors="replace"))
     except OSError as exc:
         if exc.errno in _GONE:
-            _discard(2)
+            _discard(fd)
 
 
 def flush() -> None:
@@ -112,7 +123,7 @@ class Bar:
         self.waits = waits
         self.as_json = as_json
         self.every = every
-        self.tty = sys.stderr.isatty()
+        self.tty = terminal(sys.stderr)
         self.bar: tqdm | None = None
         self.last_wait = 0.0
         self.done = self.total = self.inserted = 0

@@ -115,6 +115,24 @@ def test_a_report_to_a_closed_pipe_changes_no_exit_code(db: Db) -> None:
 
 
 @pytest.mark.backends("sqlite", "postgresql")
+def test_descriptors_closed_from_the_start_change_nothing(db: Db) -> None:
+    """`run >&- 2>&-` and the like: Python starts with no sys.stdout or sys.stderr at all; the commands
+    still do their work and exit as they would. (`run 2>&-` once exited 7, "unexpected AttributeError".)"""
+    gateway(db, range(2500, 2510))
+
+    def closed(command: str, redirections: str) -> int:
+        line = f'exec "$0" -m backfill {command} --database-url "$1" {redirections}'
+        return subprocess.run(["sh", "-c", line, sys.executable, db.url], cwd=REPO, timeout=120).returncode
+
+    assert closed("verify", ">&- 2>&-") == ExitCode.MISSING
+    assert closed("run", "2>&-") == ExitCode.OK
+    assert tagged(db) == set(range(2500, 2510)) and run_states(db) == ["done"]
+    assert closed("status --json", ">&-") == ExitCode.OK
+    assert closed("revert --json", ">&- 2>&- <&-") == ExitCode.OK
+    assert tagged(db) == set()
+
+
+@pytest.mark.backends("sqlite", "postgresql")
 def test_ctrl_c_on_a_pipeline_into_tee_stops_resumably(db: Db, tmp_path: Path) -> None:
     """`run 2>&1 | tee log` and Ctrl-C: the terminal sends SIGINT to the whole pipeline, tee dies, and the
     run's stderr becomes a broken pipe. The run still stops after its batch, records the stop and exits 7
