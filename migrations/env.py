@@ -139,7 +139,8 @@ def _shared(
     if not FROM_COMMAND_LINE:  # the application's signals are the application's
         return Shared(job_conn, target, lock, lambda: False, settings, in_callers_transaction)
     stop = stack.enter_context(signals.handled())
-    return Shared(job_conn, target, lock, stop, settings, in_callers_transaction, output.Bar(False, waits=True))
+    waits = output.Bar(progress=False, waits=True)  # "waiting for replica" lines on stderr, as from the CLI
+    return Shared(job_conn, target, lock, stop, settings, in_callers_transaction, waits)
 
 
 def _connection(given: object, stack: ExitStack) -> Connection:
