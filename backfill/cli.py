@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import select
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
 import click
-from tqdm import tqdm
 
-from backfill import __version__, credentials, signals
+from backfill import __version__, credentials, output, signals
 from backfill.connect import create_engine
 from backfill.errors import BackfillError, ExitCode
 from backfill.job import Backfill
-from backfill.replicas import DEFAULT_MAX_LAG, DEFAULT_TIMEOUT, Lag
+from backfill.replicas import DEFAULT_MAX_LAG, DEFAULT_TIMEOUT
 from backfill.retry import MAX_SECONDS, Timeouts
 from backfill.urls import display, parse_url, resolve_replicas, resolve_url
-from backfill.walk import DEFAULT_BATCH_SIZE, Settings
+from backfill.walk import DEFAULT_BATCH_SIZE, RevertReport, Settings
 
 MAX_BATCH = 1_000_000
 
@@ -238,31 +235,25 @@ def _job(database_url: str | None, timeouts: Timeouts, read_only: bool = False) 
     return Backfill(create_engine(url, timeouts, read_only=read_only), Settings(timeouts=timeouts, schema=_schema()))
 
 
-def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
-    click.echo(json.dumps(data, default=str, sort_keys=True) if as_json else text)
-
-
 @contextmanager
 def _errors() -> Iterator[None]:
     """Every failure leaves as one line on stderr and a documented exit code, never a traceback."""
     try:
         yield
     except BackfillError as exc:
-        click.echo(f"Error: {exc}", err=True)
+        output.error(str(exc))
         sys.exit(int(exc.code))
-    except KeyboardInterrupt:  # a signal while nothing was being written (see signals.py)
-        click.echo("Error: interrupted; nothing was left half-written", err=True)
+    except KeyboardInterrupt as exc:  # a signal while nothing was being written (see signals.py)
+        output.error(f"{exc or 'interrupted'}; nothing was left half-written")
         sys.exit(int(ExitCode.STOPPED))
     except click.exceptions.Exit:
         raise
     except Exception as exc:
         if os.environ.get("MGB_TRACEBACK"):
             raise
-        name = type(exc).__name__
-        click.echo(
-            f"Error: unexpected {name} (a bug: please report it; MGB_TRACEBACK=1 shows where); "
-            "nothing was left half-written",
-            err=True,
+        output.error(
+            f"unexpected {type(exc).__name__} (a bug: please report it; MGB_TRACEBACK=1 shows where); "
+            "nothing was left half-written"
         )
         sys.exit(int(ExitCode.STOPPED))
 
@@ -272,63 +263,6 @@ def _read_only_command() -> Iterator[None]:
     """Errors as one line; any signal ends a read-only command at once (nothing to finish)."""
     with _errors(), signals.handled(immediate=True):
         yield
-
-
-class _Bar:
-    """A tqdm bar (rate, ETA) on a terminal; a plain line every ``every`` seconds otherwise."""
-
-    def __init__(self, enabled: bool, every: float = 10.0, as_json: bool = False) -> None:
-        self.enabled = enabled
-        self.as_json = as_json
-        self.last_wait = 0.0
-        self.tty = sys.stderr.isatty()
-        self.every = every
-        self.bar: tqdm | None = None
-        self.done = self.total = self.inserted = 0
-        self.t0 = self.last = time.monotonic()
-
-    def start(self, total: int) -> None:
-        self.close()
-        self.done, self.total, self.t0 = 0, total, time.monotonic()
-        if self.enabled and self.tty:
-            self.bar = tqdm(total=total, unit="exp", desc="backfill", file=sys.stderr, dynamic_ncols=True)
-
-    def advance(self, scanned: int, inserted: int) -> None:
-        self.done += scanned
-        self.inserted += inserted
-        if self.bar is not None:
-            self.bar.update(scanned)
-            self.bar.set_postfix(inserted=self.inserted, refresh=False)
-        elif self.enabled and time.monotonic() - self.last >= self.every:
-            self.last = time.monotonic()
-            rate = self.done / max(self.last - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate else 0
-            click.echo(
-                f"progress: {self.done}/{self.total} tagged-source rows scanned, {self.inserted} inserted, "
-                f"{rate:.0f}/s, eta {eta:.0f}s",
-                err=True,
-            )
-
-    def waiting(self, lag: Lag) -> None:
-        """A replica holds the work: say so, at most every few seconds (JSON lines with --json)."""
-        if time.monotonic() - self.last_wait < 2:
-            return
-        self.last_wait = time.monotonic()
-        state = lag.reason or f"lag {lag.seconds:.1f} s, {lag.pending} batches behind"
-        if self.as_json:
-            event = {"event": "waiting for replica", "replica": lag.replica, "lag_seconds": round(lag.seconds, 2)}
-            click.echo(json.dumps({**event, "pending_batches": lag.pending, "reason": lag.reason}), err=True)
-        elif self.enabled:
-            message = f"waiting for replica {lag.replica}: {state}"
-            if self.bar is not None:
-                self.bar.write(message, file=sys.stderr)
-            else:
-                click.echo(message, err=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 @cli.command()
@@ -404,7 +338,8 @@ def run(
             job = _job(database_url, timeouts, read_only=True)
             report = job.run(dry_run=True)
             where = display(job.engine.url)
-            _emit(as_json, report.summary(), f"dry run on {where}: would insert {report.would_insert} isGateway tags")
+            text = f"dry run on {where}: would insert {report.would_insert} isGateway tags"
+            output.emit(as_json, report.summary(), text)
         return
     with _errors(), signals.handled() as stop:
         if min_batch_size > max_batch_size:
@@ -425,7 +360,8 @@ def run(
             max_replica_lag=max_replica_lag,
             replica_timeout=replica_timeout,
         )
-        bar = _Bar(enabled=not quiet and not (as_json and not sys.stderr.isatty()), as_json=as_json)
+        progress = not quiet and not (as_json and not output.terminal(sys.stderr))
+        bar = output.Bar(progress=progress, waits=not quiet, as_json=as_json)
         report = job.run(progress=bar, should_stop=stop)
         where = display(job.engine.url)
         if report.inserted:
@@ -435,7 +371,7 @@ def run(
             )
         else:
             text = f"nothing to do on {where}: every gateway experiment already has isGateway (run {report.run_id})"
-        _emit(as_json, report.summary(), text)
+        output.emit(as_json, report.summary(), text)
 
 
 @cli.command()
@@ -488,7 +424,7 @@ def status(
         for r in replicas:
             state = "caught up" if r["caught_up"] else r["reason"] or f"lag {r['lag_seconds']} s"
             lines.append(f"replica {r['replica']}: {state}; missing isGateway: {r['missing']}")
-        _emit(as_json, {**asdict(st), "replicas": replicas}, "\n".join(lines))
+        output.emit(as_json, {**asdict(st), "replicas": replicas}, "\n".join(lines))
 
 
 @cli.command()
@@ -528,7 +464,7 @@ def verify(
         results = [(display(job.engine.url), job.missing()) for _, job in counts]
         missing = sum(n for _, n in results)
         where = "" if replica_urls == () else " on " + ", ".join(shown for shown, _ in results)
-        _emit(
+        output.emit(
             as_json,
             {"ok": missing == 0, "missing": missing}
             | ({"replicas": [{"replica": shown, "missing": n} for shown, n in results]} if replica_urls else {}),
@@ -543,6 +479,9 @@ def verify(
 def _confirm(prompt: str) -> bool:
     """Ask on the terminal. Ctrl-D (or anything but yes) declines; Ctrl-C or SIGTERM interrupts (exit 7).
 
+    The question goes to stderr, never into stdout, which may be a file or a pipe meant for the report
+    (``revert --json > report.json``).
+
     The answer is awaited with select() on stdin and the signal wakeup pipe: a signal that arrives just as
     the read would begin still ends the wait (``input()`` could miss it and wait forever).
     """
@@ -551,8 +490,7 @@ def _confirm(prompt: str) -> bool:
     with signals.handled(immediate=True):
         previous = signal.set_wakeup_fd(wake_w)
         try:
-            sys.stdout.write(f"{prompt} [y/N]: ")
-            sys.stdout.flush()
+            output.ask(f"{prompt} [y/N]: ")
             while sys.stdin not in select.select([sys.stdin, wake_r], [], [])[0]:
                 os.read(wake_r, 64)  # a signal: its handler runs (and raises) right here
             answer = sys.stdin.readline()
@@ -561,7 +499,7 @@ def _confirm(prompt: str) -> bool:
             os.close(wake_r)
             os.close(wake_w)
     if not answer:  # Ctrl-D: no answer is no
-        click.echo("")
+        output.line("", err=True)
         return False
     return answer.strip().lower() in ("y", "yes")
 
@@ -621,17 +559,17 @@ def revert(
             replica_timeout=replica_timeout,
         )
         prompt = f"Remove the isGateway tags this tool inserted on {display(job.engine.url)}?"
-        if not yes and sys.stdin.isatty():
+        if not yes and output.terminal(sys.stdin):
             try:
                 confirmed = _confirm(prompt)
             except KeyboardInterrupt:
                 raise BackfillError("interrupted at the prompt: nothing removed", ExitCode.STOPPED) from None
             if not confirmed:
-                click.echo("nothing removed")
+                output.emit(as_json, asdict(RevertReport(0, 0, 0.0)), "nothing removed")
                 return
         with signals.handled() as stop:
-            report = job.revert(should_stop=stop)
-        _emit(as_json, asdict(report), f"removed {report.removed} isGateway tags inserted by this tool")
+            report = job.revert(should_stop=stop, progress=output.Bar(progress=False, waits=True, as_json=as_json))
+        output.emit(as_json, asdict(report), f"removed {report.removed} isGateway tags inserted by this tool")
 
 
 def main() -> None:

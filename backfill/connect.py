@@ -131,7 +131,7 @@ def create_engine(url: URL, timeouts: Timeouts | None = None, read_only: bool = 
     seconds = max(2, math.ceil(timeouts.connect))  # whole seconds; libpq treats less than 2 as 2
     if backend == "sqlite":
         url = _sqlite_url(url, read_only)
-        connect_args["timeout"] = timeouts.lock  # the busy timeout
+        connect_args["timeout"] = min(timeouts.lock, retry.SQLITE_BUSY_STEP)  # the rest is waited in steps (retry)
     elif backend == "postgresql":
         # The URL's ?options= (else libpq's $PGOPTIONS) are applied per transaction; options="" keeps libpq
         # from sending $PGOPTIONS as a start-up parameter, which a stock PgBouncer refuses.
@@ -155,6 +155,7 @@ def create_engine(url: URL, timeouts: Timeouts | None = None, read_only: bool = 
     )
     credentials.install(engine, timeouts.connect)  # a password file or command, MLflow's MySQL TLS variables
     if backend == "mysql":
+        sa.event.listen(engine, "do_connect", _utf8_credentials)
         sa.event.listen(engine, "connect", lambda dbapi_connection, _record: _mysql_session(dbapi_connection, timeouts))
     sa.event.listen(engine, "begin", _explicit_begin)
     engine._mgb_owned = True  # type: ignore[attr-defined]
@@ -175,6 +176,14 @@ def _explicit_begin(conn: Connection) -> None:
     options = conn.get_execution_options()
     if options.get("explicit_begin") and options.get("isolation_level") != "AUTOCOMMIT":
         conn.exec_driver_sql(BEGIN[conn.dialect.name] + options.get(SETUP, ""))
+
+
+def _utf8_credentials(_dialect: Any, _record: Any, _args: list, params: dict) -> None:
+    """The MySQL family: send the user name and password as UTF-8, as MySQL's own client and MLflow's other
+    drivers do (the server compares the UTF-8 bytes it stored); PyMySQL would send a password as latin-1."""
+    for key in ("user", "password", "passwd"):
+        if isinstance(params.get(key), str):
+            params[key] = params[key].encode()
 
 
 def prepare_session(conn: Connection, timeouts: Timeouts) -> Connection:
@@ -230,12 +239,6 @@ def connect(engine: Engine, timeouts: Timeouts | None = None) -> Connection:
         raise failure(exc, url, connecting=True) from None
     except SQLAlchemyError as exc:
         raise failure(exc, url, connecting=True) from None
-    except UnicodeError:
-        raise BackfillError(
-            f"cannot connect to {display(url)}: the MySQL driver (PyMySQL) sends user names and passwords as "
-            "latin-1, and this one has other characters",
-            ExitCode.USAGE,
-        ) from None
     except TypeError as exc:  # PyMySQL: an unknown keyword, i.e. a URL query parameter it does not know
         raise BackfillError(
             f"the database URL has a parameter the driver rejects ({exc}); see docs/databases.md for the "
@@ -262,19 +265,34 @@ def _bad_parameter(exc: DBAPIError) -> bool:
     return "invalid connection option" in text or ("invalid" in text and "value" in text and "connection" in text)
 
 
+# An execution option: this connection is inside a transaction of the caller's (an application or a test
+# hands Alembic a connection it has begun): each of the job's transactions is then a savepoint of it.
+SAVEPOINTS = "mgb_savepoints"
+
+
+def in_callers_transaction(conn: Connection) -> bool:
+    return bool(conn.get_execution_options().get(SAVEPOINTS))
+
+
 @contextmanager
-def transaction(conn: Connection, begin: str) -> Iterator[None]:
+def transaction(conn: Connection, begin: str, keep: bool = True) -> Iterator[None]:
     """One database transaction on an autocommit connection: ``begin`` (with the dialect's per-transaction
-    setup, in the same round trip), the block, ``COMMIT``.
+    setup, in the same round trip), the block, ``COMMIT`` (``keep`` false: ``ROLLBACK``, for a probe).
+    Inside a caller's transaction, a savepoint of it instead.
 
     On any failure the transaction is rolled back before the error goes on (SQLite keeps a transaction
     open after a failed COMMIT; a later BEGIN would fail with "cannot start a transaction within a
     transaction").
     """
-    conn.exec_driver_sql(begin + conn.get_execution_options().get(SETUP, ""))
+    setup = conn.get_execution_options().get(SETUP, "")
+    if in_callers_transaction(conn):
+        with _savepoint(conn, keep, setup):
+            yield
+        return
+    conn.exec_driver_sql(begin + setup)
     try:
         yield
-        conn.exec_driver_sql("COMMIT")
+        conn.exec_driver_sql("COMMIT" if keep else "ROLLBACK")
     except BaseException:
         recover(conn)
         raise
@@ -292,6 +310,21 @@ def reading(conn: Connection) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _savepoint(conn: Connection, keep: bool, setup: str) -> Iterator[None]:
+    conn.exec_driver_sql("SAVEPOINT mgb_step" + setup)
+    try:
+        yield
+    except BaseException:
+        with suppress(Exception):
+            conn.exec_driver_sql("ROLLBACK TO SAVEPOINT mgb_step")
+            conn.exec_driver_sql("RELEASE SAVEPOINT mgb_step")
+        raise
+    if not keep:
+        conn.exec_driver_sql("ROLLBACK TO SAVEPOINT mgb_step")
+    conn.exec_driver_sql("RELEASE SAVEPOINT mgb_step")
+
+
 def read_whole_table(conn: Connection, setup: tuple[str, ...], statement: str, params: dict[str, Any]) -> Any:
     """The scalar of a whole-table read (verify's count, the end-of-pass check), after the dialect's planner
     settings (``DialectSQL.whole_table_setup``) in a transaction of its own, so they end with it."""
@@ -302,8 +335,13 @@ def read_whole_table(conn: Connection, setup: tuple[str, ...], statement: str, p
 
 
 def recover(conn: Connection) -> None:
-    """Bring a connection back to a clean state after a failure: no open transaction, usable again."""
-    if conn.closed:
+    """Bring a connection back to a clean state after a failure: no open transaction, usable again.
+
+    Inside a caller's transaction, :func:`transaction` has rolled its savepoint back already, and nothing
+    more is done: the caller's transaction is the caller's (a lost connection takes it along, and the next
+    statement fails rather than write outside it).
+    """
+    if conn.closed or in_callers_transaction(conn):
         return
     if retry.stopped_answering(conn.engine) and not conn.invalidated:
         conn.invalidate()  # close it without a word to the server; it rolls back when it sees the socket gone

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from backfill import record, sql
-from backfill.connect import close, connect, create_engine, failure, read_whole_table, reading, recover
+from backfill.connect import close, connect, create_engine, failure, read_whole_table, reading, recover, transaction
 from backfill.errors import BackfillError, ExitCode
 from backfill.lock import RunnerLock, runner_lock
 from backfill.replicas import Replicas
@@ -194,8 +194,7 @@ class Backfill:
 
     @staticmethod
     def _probe(conn: Connection, target: Target, revert: bool) -> None:
-        conn.exec_driver_sql(target.sql.begin_write)
-        try:
+        with transaction(conn, target.sql.begin_write, keep=False):
             for statement in target.sql.probes(revert, target.existing):
                 conn.execute(sa.text(statement))
             if target.has_runs and target.sql.sequence_check:
@@ -206,15 +205,19 @@ class Backfill:
                         f"{target.prefix}{sql.RUNS_TABLE}_id_seq TO <user>; docs/privileges.md)",
                         ExitCode.PERMISSION,
                     )
-        finally:
-            recover(conn)
 
     @staticmethod
     def _ensure_tables(lock: RunnerLock, target: Target) -> Target:
         if target.has_runs and target.has_ledger:
             return target
-        with lock.write():
-            metadata.create_all(target.tables(lock.conn), checkfirst=True)
+        tables = target.tables(lock.conn)
+        if target.dialect == "mysql":  # DDL commits there at once: no transaction (nor savepoint) can hold it
+            with lock.write():  # the lease is still this runner's
+                pass
+            metadata.create_all(tables, checkfirst=True)
+        else:
+            with lock.write():
+                metadata.create_all(tables, checkfirst=True)
         return dataclasses.replace(target, has_runs=True, has_ledger=True, has_lease=True)
 
     @contextmanager
@@ -235,14 +238,14 @@ class Backfill:
 
     # ---------------------------------------------------------------- revert
 
-    def revert(self, should_stop: Callable[[], bool] = lambda: False) -> RevertReport:
+    def revert(self, should_stop: Callable[[], bool] = lambda: False, progress: Progress | None = None) -> RevertReport:
         """Remove exactly the rows the ledger says this project inserted."""
         with self.session() as (conn, target):
             if not target.has_ledger:
                 return RevertReport(0, 0, 0.0)
             self._check_before_writing(conn, target, should_stop, "`revert`", revert=True)
             with self.lock(conn, target) as lock:
-                return self._revert(conn, target, lock, should_stop, "`revert`")
+                return self._revert(conn, target, lock, should_stop, "`revert`", progress)
 
     def revert_locked(
         self,
@@ -251,18 +254,25 @@ class Backfill:
         lock: RunnerLock,
         should_stop: Callable[[], bool] = lambda: False,
         again: str = "`revert`",
+        progress: Progress | None = None,
     ) -> RevertReport:
         """`revert` on a connection that holds the lock. Needs only the ledger (not the runs table)."""
         if not target.has_ledger:
             return RevertReport(0, 0, 0.0)
         self._check_before_writing(conn, target, should_stop, again, revert=True)
-        return self._revert(conn, target, lock, should_stop, again)
+        return self._revert(conn, target, lock, should_stop, again, progress)
 
     def _revert(
-        self, conn: Connection, target: Target, lock: RunnerLock, should_stop: Callable[[], bool], again: str
+        self,
+        conn: Connection,
+        target: Target,
+        lock: RunnerLock,
+        should_stop: Callable[[], bool],
+        again: str,
+        progress: Progress | None = None,
     ) -> RevertReport:
         with self._replicas(target) as replicas:
-            return RevertWalk(conn, target, lock, self.settings, should_stop, again, replicas).run()
+            return RevertWalk(conn, target, lock, self.settings, should_stop, again, replicas, progress).run()
 
     def ledger_rows(self, conn: Connection, target: Target) -> int:
         """How many rows the ledger still lists (a ledger that lists rows is never dropped)."""

@@ -32,7 +32,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.schema import CreateTable
 
 from backfill import sql
-from backfill.connect import close, reading, recover, transaction
+from backfill.connect import close, in_callers_transaction, reading, recover, transaction
 from backfill.errors import BackfillError, ExitCode, mysql_errno, sqlstate
 from backfill.retry import stopped_answering
 from backfill.schema import Target, lease
@@ -164,7 +164,8 @@ class Lease(RunnerLock):
         if not self._take(lease.c.owner.is_(None)):
             self._wait_for(should_stop)
         self.held = True
-        self._start_heartbeat()
+        if not in_callers_transaction(self.conn):  # there the row stays locked until the caller's commit
+            self._start_heartbeat()
 
     def _ensure_row(self) -> None:
         """The lease table and its row, made by the first runner ever (serialized on PostgreSQL by a

@@ -4,14 +4,19 @@
 connection, the lock and the signal handler in ``config.attributes["gateway_backfill"]``; the revision
 runs the same batched job as ``mlflow-gateway-backfill run`` on it. Alembic's own connection only
 creates and stamps the version table, so Alembic's transactions and the batches' never mix.
+
+Handed a connection inside a transaction of the caller's (``with engine.begin() as conn``, Alembic's recipe
+for sharing a connection; pytest-alembic), the job runs on that connection instead, each batch a savepoint
+of the caller's transaction: nothing is committed by the tool, and the caller's commit or rollback decides.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, Engine
 
 from backfill.connect import close, connect, prepare_session
@@ -20,7 +25,7 @@ from backfill.job import Backfill
 from backfill.lock import RunnerLock
 from backfill.retry import Timeouts
 from backfill.schema import Target
-from backfill.walk import Settings
+from backfill.walk import Progress, Settings
 
 KEY = "gateway_backfill"
 
@@ -34,6 +39,8 @@ class Shared:
     lock: RunnerLock
     should_stop: Callable[[], bool]
     settings: Settings
+    in_callers_transaction: bool = False  # the job's connection is the caller's, inside its transaction
+    progress: Progress | None = None  # where replica waits are reported (Alembic's command line: stderr)
 
     @property
     def job(self) -> Backfill:
@@ -68,16 +75,24 @@ def shared(attributes: dict) -> Shared:
     return found
 
 
+def batches(attributes: dict, migration_context: MigrationContext) -> AbstractContextManager[None]:
+    """Where the revision's batches run: outside Alembic's transaction, each committing on its own; or inside
+    the caller's transaction, when the connection was handed over in one."""
+    if shared(attributes).in_callers_transaction:
+        return nullcontext()
+    return migration_context.autocommit_block()
+
+
 def upgrade(attributes: dict) -> None:
     s = shared(attributes)
-    s.job.run_locked(s.conn, s.target, s.lock, should_stop=s.should_stop, again="`alembic upgrade head`")
+    s.job.run_locked(s.conn, s.target, s.lock, s.progress, s.should_stop, again="`alembic upgrade head`")
 
 
 def downgrade(attributes: dict) -> None:
     """Remove exactly the ledger's rows; then the project's tables may go, and only if the ledger is empty."""
     s = shared(attributes)
     job = s.job
-    job.revert_locked(s.conn, s.target, s.lock, should_stop=s.should_stop, again="`alembic downgrade`")
+    job.revert_locked(s.conn, s.target, s.lock, s.should_stop, "`alembic downgrade`", s.progress)
     left = job.ledger_rows(s.conn, s.target)
     if left:
         raise BackfillError(

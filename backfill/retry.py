@@ -33,6 +33,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
+from backfill import signals
 from backfill.errors import STATEMENT_POOLING, BackfillError, ExitCode, cut_by_watchdog, mark_cut, mysql_errno, sqlstate
 
 T = TypeVar("T")
@@ -144,6 +145,8 @@ def _shutdown(fd: int) -> None:
 def _guarded(engine: Engine, dbapi_connection: Any, writes: bool, call: Callable[[], T]) -> T:
     """Run one driver call under the current limits (see the module docstring)."""
     timeouts = _limits.get()
+    if timeouts is not None and engine.dialect.name == "sqlite" and getattr(engine, "_mgb_owned", False):
+        return _in_steps(_raw(dbapi_connection), call, timeouts.lock)
     fd = _socket_fd(dbapi_connection) if timeouts is not None else None
     if timeouts is None or fd is None:
         return call()
@@ -167,6 +170,35 @@ def _guarded(engine: Engine, dbapi_connection: Any, writes: bool, call: Callable
     finally:
         for handle in handles:
             _watchdog.disarm(handle)
+
+
+# SQLite waits for a lock in its busy handler, which sleeps inside the C library, where no signal handler can
+# run: a second Ctrl-C would wait out the whole --lock-timeout. So the tool's own SQLite engines have a busy
+# timeout of one step at most (connect.py), and the rest of the lock timeout is waited here, a step at a time,
+# with Python's signal handlers running in between.
+SQLITE_BUSY_STEP = 0.1
+
+
+def _in_steps(dbapi_connection: Any, call: Callable[[], T], seconds: float) -> T:
+    """A SQLite call, made again while it finds the database locked after waiting a whole step, until
+    ``seconds`` have passed in all, or a second signal asks to hurry (the clean-up of a stop)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        started = time.monotonic()
+        try:
+            return call()
+        except Exception as exc:
+            now = time.monotonic()
+            # "Locked" at once, without waiting, is SQLite saying that waiting cannot help (a deadlock).
+            waited = now - started >= SQLITE_BUSY_STEP / 2
+            if "database is locked" not in str(exc) or not waited or now >= deadline or signals.hurrying():
+                raise
+        if deadline - now < SQLITE_BUSY_STEP:  # the last step: exactly what is left of the lock timeout
+            dbapi_connection.execute(f"PRAGMA busy_timeout = {seconds_ms(deadline - now)}")
+            try:
+                return call()
+            finally:
+                dbapi_connection.execute(f"PRAGMA busy_timeout = {seconds_ms(SQLITE_BUSY_STEP)}")
 
 
 def _kill_query(engine: Engine, thread_id: int) -> None:

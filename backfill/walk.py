@@ -26,7 +26,7 @@ from backfill.errors import BackfillError, ExitCode
 from backfill.lock import RunnerLock
 from backfill.replicas import DEFAULT_MAX_LAG, DEFAULT_TIMEOUT, Lag, Replicas
 from backfill.retry import Timeouts, stopped_answering, with_retries
-from backfill.schema import Target
+from backfill.schema import Target, ledger
 from backfill.sql import CONSTANTS
 
 INT64_MAX = 2**63 - 1
@@ -327,9 +327,12 @@ class Walk(_Walk):
 
 @dataclass
 class RevertReport:
+    """What `revert` reports (and prints with --json)."""
+
     removed: int
     batches: int
     seconds: float
+    replica_wait_seconds: float = 0.0
 
 
 class RevertWalk(_Walk):
@@ -342,6 +345,7 @@ class RevertWalk(_Walk):
         claim = None
         removed = batches = 0
         lo: int | None = INT64_MIN
+        final_wait = False
         try:
             if target.has_runs:
                 claim = self._retried(lambda: record.claim(self.lock, "reverting"))
@@ -359,7 +363,9 @@ class RevertWalk(_Walk):
                 lo = after(hi)
                 if self.s.sleep:
                     time.sleep(self.s.sleep)
+            final_wait = True
             self._hold("after the last batch", everything=True)
+            final_wait = False
             if target.has_runs:
                 self._retried(lambda: record.mark_reverted(self.lock))
         except BaseException as exc:
@@ -369,13 +375,34 @@ class RevertWalk(_Walk):
                     recover(conn)
                     record.finish(self.lock, claim.run_id, "stopped", str(error or exc)[:500] or type(exc).__name__)
             if error is not None and error.code == ExitCode.STOPPED:
-                raise BackfillError(
-                    f"{error}; revert stopped: {removed} rows removed this time and the ledger lists the rest, "
-                    f"which {self.again} again removes (do not `run`: it would insert them again)",
-                    ExitCode.STOPPED,
-                ) from None
+                with signals.finishing(self.should_stop):
+                    left = self._ledger_left()
+                if left == 0:
+                    rest = f"every row this tool inserted is removed ({removed} this time)"
+                    if final_wait:
+                        rest += ", but a replica had not replayed the removal yet"
+                else:
+                    listed = "the rest" if left is None else f"{left} more"
+                    rest = (
+                        f"{removed} rows removed this time and the ledger lists {listed}, which {self.again} again "
+                        "removes (do not `run`: it would insert them again)"
+                    )
+                raise BackfillError(f"{error}; revert stopped: {rest}", ExitCode.STOPPED) from None
             raise
-        return RevertReport(removed, batches, time.monotonic() - started)
+        waited = self.replicas.waited if self.replicas else 0.0
+        return RevertReport(removed, batches, time.monotonic() - started, waited)
+
+    def _ledger_left(self) -> int | None:
+        """How many rows the ledger still lists, when that can be told now (the server may be gone)."""
+        if stopped_answering(self.conn.engine):
+            return None
+        try:
+            recover(self.conn)
+            query = sa.select(sa.func.count()).select_from(ledger)
+            with reading(self.conn):
+                return int(self.target.tables(self.conn).execute(query).scalar_one())
+        except Exception:  # noqa: BLE001 - the message then says less, and the error that stopped it stands
+            return None
 
     def _batch(self, lo: int) -> tuple[int, int] | None:
         """Delete the ledger's rows in the next keyset range; returns (upper end, tags deleted) or None."""

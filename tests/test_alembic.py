@@ -51,10 +51,7 @@ def test_upgrade_rerun_downgrade(db: Db) -> None:
 
     down = alembic(db.url, "downgrade", "base")
     assert down.returncode == 0, down.stderr
-    assert snapshot(db.url, skip=(VERSION_TABLE,)) == before
-    tables = db.table_names()
-    assert not {LEDGER_TABLE, RUNS_TABLE} & tables  # nothing of ours but Alembic's (now empty) version table
-    assert db.table(VERSION_TABLE) == []
+    assert snapshot(db.url) == before  # nothing of ours is left, Alembic's version table included
 
     again = alembic(db.url, "upgrade", "head")
     assert again.returncode == 0, again.stderr
@@ -126,34 +123,118 @@ def test_same_database_resolution_as_the_cli(db: Db) -> None:
     assert (1001, ISGW, "true") in db.tags()
 
 
-# ---------------------------------------------------------------- pytest-alembic's built-in tests (issue 11)
-# They drive env.py the way pytest-alembic and application code do: with a connection of their own engine
-# handed over in config.attributes["connection"], on a database real MLflow made, with gateway experiments.
+# ---------------------------------------------------------------- driven from Python (issue 17)
+
+
+def test_from_python_a_failure_is_an_exception_not_an_exit(server) -> None:  # type: ignore[no-untyped-def]
+    """`alembic.command.upgrade(cfg, "head")` from an application: a refused database raises BackfillError,
+    with the exit code as ``.code`` (env.py once ended the whole process with SystemExit)."""
+    from alembic import command
+
+    from backfill.errors import BackfillError, ExitCode
+
+    engine = sa.create_engine(server.new_database())
+    for given in (engine, engine.connect()):
+        cfg = Config(str(REPO / "alembic.ini"))
+        cfg.attributes["connection"] = given
+        with pytest.raises(BackfillError) as refused:
+            command.upgrade(cfg, "head")
+        assert refused.value.code == ExitCode.NOT_MLFLOW
+    cfg = Config(str(REPO / "alembic.ini"))
+    cfg.attributes["connection"] = object()
+    with pytest.raises(BackfillError) as refused:
+        command.upgrade(cfg, "head")
+    assert refused.value.code == ExitCode.USAGE and "Connection or Engine" in str(refused.value)
+    engine.dispose()
+
+
+def test_from_python_inside_the_callers_transaction(db: Db) -> None:
+    """Alembic's recipe for sharing a connection, `with engine.begin() as conn`: the migration runs inside the
+    caller's transaction (it once failed on an assertion in Alembic's autocommit_block). Rolled back, nothing of
+    it stays (on the MySQL family the tables' DDL commits at once, as any DDL does there: they stay, empty);
+    committed, the tags are there; a downgrade the same way removes them and everything of ours."""
+    from alembic import command
+
+    gateway_rows(db)
+    before = snapshot(db.url)
+    engine = _transactional(sa.create_engine(db.url))
+    cfg = Config(str(REPO / "alembic.ini"))
+    key = "`key`" if db.dialect == "mysql" else "key"
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+        tags = set(conn.execute(sa.text(f"SELECT experiment_id, {key}, value FROM experiment_tags")).all())
+        assert {(1001, ISGW, "true"), (1002, ISGW, "true")} <= tags
+        transaction.rollback()
+    kept = (LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE) if db.dialect == "mysql" else ()
+    assert snapshot(db.url, skip=kept) == before
+    assert all(db.table(name) == [] for name in kept)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    assert {(1001, ISGW, "true"), (1002, ISGW, "true")} <= db.tags()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "base")
+    assert snapshot(db.url) == before
+    engine.dispose()
+
+
+def _transactional(engine: sa.Engine) -> sa.Engine:
+    """SQLite: SQLAlchemy's recipe for transactions that hold DDL too (pysqlite's default begins none before
+    a CREATE TABLE); the servers' transactions do already."""
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", lambda raw, _: setattr(raw, "isolation_level", None))
+        sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+    return engine
+
+
+# ---------------------------------------------------------------- pytest-alembic's built-in tests (issues 11, 17)
+# They drive env.py the way pytest-alembic and application code do: with their own engine, or a connection of
+# it inside a transaction, handed over in config.attributes["connection"], on a database real MLflow made, with
+# gateway experiments.
 
 from pytest_alembic.tests import (  # noqa: E402
     test_single_head_revision,  # noqa: F401
     test_up_down_consistency,  # noqa: F401
     test_upgrade,  # noqa: F401
 )
+from pytest_alembic.tests.experimental import test_downgrade_leaves_no_trace as builtin_leaves_no_trace  # noqa: E402
 
 
-def test_downgrade_leaves_no_trace(alembic_runner, alembic_engine) -> None:  # type: ignore[no-untyped-def]
-    """The equivalent of pytest-alembic's experimental test of the same name, which cannot apply here.
+@pytest.mark.backends("sqlite", "postgresql")
+def test_downgrade_leaves_no_trace(alembic_runner) -> None:  # type: ignore[no-untyped-def]
+    """pytest-alembic's experimental test, as it is. It hands env.py a connection inside its own transaction
+    (wrapped to look like an engine), runs upgrade and downgrade in a savepoint of it, compares the schema
+    autogenerate sees before and after, and rolls back: the batches then are savepoints of that transaction
+    (backfill/migration.py), and `downgrade base` drops Alembic's version table too.
 
-    That test runs each upgrade and downgrade inside a nested transaction of one connection and rolls it
-    back, and it compares only schemas. This revision commits its batches on a connection of its own (that
-    is the point of a batched backfill), so a rollback cannot undo them; and with a single revision the
-    built-in test returns before checking anything. So: the same autogenerate comparison of the schema
-    before the upgrade and after upgrade + downgrade, on the real, committed database, plus every row of
-    every table (MLflow's data is what a downgrade must give back).
+    Not on the MySQL family, where it cannot pass for any revision that runs DDL: MySQL and MariaDB commit
+    the transaction at every CREATE TABLE, Alembic's own version table first, which ends the test's savepoint.
+    A revision with a single ``op.create_table`` and Alembic's plain env.py fails the same way (MySQL 9.7 and
+    MariaDB 10.11, pytest-alembic 0.13.1); this project's, on mysql, mariadb and mariadb-11:
+
+        E   sqlalchemy.exc.OperationalError: (pymysql.err.OperationalError)
+                (1305, 'SAVEPOINT sa_savepoint_1 does not exist')
+        E   [SQL: ROLLBACK TO SAVEPOINT sa_savepoint_1]
+
+    There, :func:`test_downgrade_leaves_no_trace_committed` checks the same on the committed database.
     """
+    builtin_leaves_no_trace(alembic_runner)
+
+
+def test_downgrade_leaves_no_trace_committed(alembic_runner, alembic_engine) -> None:  # type: ignore[no-untyped-def]
+    """The same autogenerate comparison as pytest-alembic's test, on the real, committed database (the batches
+    commit one by one when env.py gets an engine), plus every row of every table: MLflow's data is what a
+    downgrade must give back."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
     def state() -> tuple[sa.MetaData, dict[str, list[tuple]]]:
         meta = sa.MetaData()
         meta.reflect(alembic_engine)
-        return meta, snapshot(str(alembic_engine.url.render_as_string(hide_password=False)), skip=(VERSION_TABLE,))
+        return meta, snapshot(str(alembic_engine.url.render_as_string(hide_password=False)))
 
     before_meta, before_rows = state()
     alembic_runner.migrate_up_to("heads")
@@ -161,9 +242,8 @@ def test_downgrade_leaves_no_trace(alembic_runner, alembic_engine) -> None:  # t
     alembic_runner.migrate_down_to("base")
     after_meta, after_rows = state()
     with alembic_engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), before_meta)
-    assert [d for d in diff if VERSION_TABLE not in repr(d)] == []
-    assert set(after_meta.tables) - {VERSION_TABLE} == set(before_meta.tables)  # Alembic keeps its (empty) table
+        assert compare_metadata(MigrationContext.configure(conn), before_meta) == []
+    assert set(after_meta.tables) == set(before_meta.tables)  # no table of ours, Alembic's version table included
     assert after_rows == before_rows
 
 

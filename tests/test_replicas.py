@@ -9,6 +9,7 @@ from the replica lists no gateway experiment once `run` returns.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -118,10 +119,12 @@ def _start_run(url: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def _start_held_run(url: str, replica_url: str) -> subprocess.Popen[str]:
+def _start_held_run(url: str, replica_url: str, *args: str) -> subprocess.Popen[str]:
     """A slow run (10 experiments a batch, 0.2 s apart) that holds as soon as the replica lags 0.1 s."""
     return _start_run(
-        url, "--replica-url", replica_url, "--max-replica-lag", "0.1", "--batch-size", "10", "--fixed", "--sleep", "0.2"
+        url,
+        *("--replica-url", replica_url, "--max-replica-lag", "0.1", "--batch-size", "10", "--fixed", "--sleep", "0.2"),
+        *args,
     )
 
 
@@ -384,3 +387,122 @@ def test_a_replica_url_that_is_not_a_replica_is_refused_before_anything_is_writt
         up = alembic(db.url, "-x", f"replica-url={bad}", "upgrade", "head")
         assert up.returncode in (ExitCode.USAGE, ExitCode.CONNECT), up.stderr
         assert snapshot(db.url) == before
+
+
+# ---------------------------------------------------------------- issue 17: what each command says while it waits
+
+
+def _alembic(url: str, replica_url: str, *args: str) -> subprocess.Popen[str]:
+    """`alembic` of this project, slowed down and holding as soon as the replica lags 0.1 s."""
+    command = [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "-x", f"database-url={url}"]
+    tunables = [f"replica-url={replica_url}", "max-replica-lag=0.1", "batch-size=10", "sleep=0.2"]
+    command += [arg for tunable in tunables for arg in ("-x", tunable)]
+    return subprocess.Popen([*command, *args], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _held(pair: Pair, proc: subprocess.Popen[str], json_lines: bool = False) -> str:
+    """Pause replay, wait for the command's "waiting for replica" line, resume; the command's stderr so far."""
+    from tests import backends
+
+    try:
+        waited = _read_until(proc.stderr, "waiting for replica")
+        line = next(line for line in waited.splitlines() if "waiting for replica" in line)
+        if json_lines:
+            assert json.loads(line)["event"] == "waiting for replica"
+        else:
+            assert line.startswith("waiting for replica ") and "batches behind" in line, line
+    finally:
+        backends.resume_replication(pair.replica)
+    return waited
+
+
+def test_revert_and_alembic_say_they_wait_for_the_replica(pair: Pair, replicated: tuple[Db, str]) -> None:
+    """`revert`, `alembic upgrade head` and `alembic downgrade` hold for a lagging replica as `run` does, and
+    say so on stderr ("waiting for replica …"; JSON lines with `revert --json`, whose report counts the wait).
+    (They once held in silence, and `revert --json` had no replica_wait_seconds.)"""
+    from tests import backends
+
+    db, replica_url = replicated
+    backends.pause_replication(pair.replica)
+    up = _alembic(db.url, replica_url, "upgrade", "head")
+    _held(pair, up)
+    _, err = up.communicate(timeout=180)
+    assert up.returncode == 0, err
+    assert replica_tagged(replica_url) == set(range(1000, 1060))
+
+    backends.pause_replication(pair.replica)
+    down = _alembic(db.url, replica_url, "downgrade", "base")
+    _held(pair, down)
+    _, err = down.communicate(timeout=180)
+    assert down.returncode == 0, err
+    assert replica_tagged(replica_url) == set()
+
+    assert run_cli("run", "--database-url", db.url, "-q").returncode == 0
+    backends.wait_for_replica(pair.primary, pair.replica)
+    backends.pause_replication(pair.replica)
+    revert = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "backfill", "revert", "--yes", "--json", "--database-url", db.url),
+            *("--replica-url", replica_url, "--max-replica-lag", "0.1", "--batch-size", "10", "--sleep", "0.2"),
+        ],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _held(pair, revert, json_lines=True)
+    out, err = revert.communicate(timeout=180)
+    assert revert.returncode == 0, err
+    report = json.loads(out)
+    assert report["removed"] == 60 and report["replica_wait_seconds"] > 0
+    assert replica_tagged(replica_url) == set()
+
+
+def test_quiet_json_run_prints_no_waiting_lines(pair: Pair, replicated: tuple[Db, str]) -> None:
+    """`run -q --json` holds for the lagging replica in silence: stdout has the report, stderr nothing.
+    (The waiting lines once came through -q.)"""
+    from tests import backends
+
+    db, replica_url = replicated
+    backends.pause_replication(pair.replica)
+    try:
+        proc = _start_held_run(db.url, replica_url, "-q")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (LEDGER_TABLE not in db.table_names() or not db.table(LEDGER_TABLE)):
+            time.sleep(0.1)
+        time.sleep(3)  # holding: a waiting line would have come by now (they come every 2 s)
+        assert proc.poll() is None and len(db.table(LEDGER_TABLE)) < 60
+    finally:
+        backends.resume_replication(pair.replica)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0 and err == "", err
+    assert json.loads(out)["replica_wait_seconds"] > 0
+
+
+def test_revert_stopped_by_a_replica_says_what_is_left(pair: Pair, replicated: tuple[Db, str]) -> None:
+    """A revert stopped by a replica that does not catch up says what is true: how many rows the ledger still
+    lists, or, after the final wait, that every row is removed (it once said "the ledger lists the rest" of
+    an empty ledger)."""
+    from tests import backends
+
+    db, replica_url = replicated
+    assert run_cli("run", "--database-url", db.url, "-q").returncode == 0
+    backends.wait_for_replica(pair.primary, pair.replica)
+    backends.pause_replication(pair.replica)
+    try:
+        common = ("revert", "--yes", "--database-url", db.url, "--replica-url", replica_url, "--replica-timeout", "2")
+        held = run_cli(*common, "--batch-size", "10", "--sleep", "0.2", "--max-replica-lag", "0.1")
+        assert held.returncode == ExitCode.STOPPED, held.stderr
+        said = re.search(r"(\d+) rows removed this time and the ledger lists (\d+) more", held.stderr)
+        assert said and "before the next batch" in held.stderr, held.stderr
+        removed, left = int(said[1]), int(said[2])
+        assert removed + left == 60 and left == len(db.table(LEDGER_TABLE)) > 0
+        final = run_cli(*common, "--max-replica-lag", "600")
+        assert final.returncode == ExitCode.STOPPED, final.stderr
+        message = final.stderr.strip().splitlines()[-1]
+        assert "did not catch up" in message and "after the last batch" in message, message
+        assert f"every row this tool inserted is removed ({left} this time)" in message, message
+        assert "but a replica had not replayed the removal yet" in message and "ledger lists" not in message
+    finally:
+        backends.resume_replication(pair.replica)
+    assert db.table(LEDGER_TABLE) == []

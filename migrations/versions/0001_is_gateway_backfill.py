@@ -3,8 +3,9 @@
 Online, the upgrade runs the same batched job as ``mlflow-gateway-backfill run`` (it creates the
 project's two tables under the single-runner lock) inside ``autocommit_block()``, on the connection and
 lock ``env.py`` holds, so each batch commits on its own and a large table is never held in one long
-transaction. Offline (``--sql``) it renders one idempotent statement set for the URL's dialect, without
-reading the database.
+transaction (on a connection handed over inside a transaction of the caller's, inside that transaction
+instead: ``backfill/migration.py``). Offline (``--sql``) it renders one idempotent statement set for the
+URL's dialect, without reading the database.
 
 The downgrade removes exactly the rows recorded in the ledger, then drops the project's tables (the lease
 table too; a runner that holds the lease meanwhile is refused its next write); a ledger that still lists
@@ -46,7 +47,7 @@ def upgrade() -> None:
         # run_id NULL marks rows inserted by the script; the timestamp doubles as the batch identifier.
         _execute_all(sql.offline_backfill(op.get_context().dialect.name), run=None, now=time.time_ns())
         return
-    with op.get_context().autocommit_block():
+    with migration.batches(context.config.attributes, op.get_context()):
         migration.upgrade(context.config.attributes)
 
 
@@ -56,7 +57,7 @@ def downgrade() -> None:
         for table in (ledger, runs, lease):
             op.drop_table(table.name, if_exists=True)
         return
-    with op.get_context().autocommit_block():
+    with migration.batches(context.config.attributes, op.get_context()):
         migration.downgrade(context.config.attributes)
     schema = migration.shared(context.config.attributes).target.schema
     for table in (ledger, runs, lease):  # the lease last: the lock is held until the command ends
