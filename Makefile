@@ -10,8 +10,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
-# pytest-xdist workers; every test of one backend runs on the same worker (see tests/conftest.py).
-PYTEST_WORKERS ?= 2
+# pytest-xdist workers; every test of one backend runs on the same worker (see tests/conftest.py). The suite
+# waits on servers, replicas, locks and child processes more than it computes: 4 workers keep 2 cores busy
+# (with 2, a full run used about half of them). The migration check is CPU-bound (MLflow's imports): 2.
+PYTEST_WORKERS ?= 4
+MIGRATION_CHECK_WORKERS ?= 2
 UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' requirements/uv.txt)
 UV_DIR := .cache/uv-$(UV_VERSION)
 UV ?= $(UV_DIR)/bin/uv
@@ -82,7 +85,7 @@ test: $(BIN)/.test  ## the full suite on every backend (starts Docker, builds th
 # MLFLOW_VERSIONS=3.18.0,3.19.0: those releases (each alone, and over 3.10.0's data) instead of the table's.
 migration-check: $(BIN)/.test  ## the CI migration check: MLflow 2.22.5 to 3.18.0 on every backend
 	scripts/provision-tests.sh
-	$(BIN)/pytest -m migration_check -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/pytest -m migration_check -n $(MIGRATION_CHECK_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 mlflow-venvs: $(BIN)/.test  ## build (or reuse) the migration check's per-release MLflow venvs
 	$(BIN)/python -m tests.mlflow_versions

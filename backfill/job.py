@@ -144,8 +144,7 @@ class Backfill:
             would = self.missing()
             return Report(None, "dry-run", True, False, 0, would, 0, 0, 0, time.monotonic() - started)
         with self.session() as (conn, target):
-            self._check_before_writing(conn, target, should_stop, "`run`")
-            with self.lock(conn, target) as lock:
+            with self._checked_and_locked(conn, target, should_stop, "`run`") as lock:
                 return self._run(conn, target, lock, progress, should_stop, "`run`")
 
     def run_locked(
@@ -175,6 +174,24 @@ class Backfill:
             target = self._retried(conn, lambda: self._ensure_tables(lock, target))
         with self._replicas(target) as replicas:
             return Walk(conn, target, lock, self.settings, should_stop, again, replicas, progress).run()
+
+    @contextmanager
+    def _checked_and_locked(
+        self, conn: Connection, target: Target, should_stop: Callable[[], bool], again: str, revert: bool = False
+    ) -> Iterator[RunnerLock]:
+        """The checks before anything is written, and the single-runner lock. A lock whose taking writes to
+        the database (the lease) is taken after the checks, so a refused user writes nothing; SQLite's file
+        lock first, so a second runner is told at once rather than after waiting on the first one's writes."""
+        lock = self.lock(conn, target)
+        try:
+            if not lock.writes:
+                lock.acquire(should_stop)
+            self._check_before_writing(conn, target, should_stop, again, revert)
+            if lock.writes:
+                lock.acquire(should_stop)
+            yield lock
+        finally:
+            lock.release()
 
     def _check_before_writing(
         self, conn: Connection, target: Target, should_stop: Callable[[], bool], again: str, revert: bool = False
@@ -243,8 +260,7 @@ class Backfill:
         with self.session() as (conn, target):
             if not target.has_ledger:
                 return RevertReport(0, 0, 0.0)
-            self._check_before_writing(conn, target, should_stop, "`revert`", revert=True)
-            with self.lock(conn, target) as lock:
+            with self._checked_and_locked(conn, target, should_stop, "`revert`", revert=True) as lock:
                 return self._revert(conn, target, lock, should_stop, "`revert`", progress)
 
     def revert_locked(

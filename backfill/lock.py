@@ -59,7 +59,10 @@ def sqlite_lock_path(conn: Connection) -> str:
 
 class RunnerLock:
     """Held from :meth:`acquire` to :meth:`release` (also a context manager). Every write of the holder goes
-    through :meth:`write`."""
+    through :meth:`write`. ``writes``: whether taking it writes to the database (then the privilege checks
+    come first); :meth:`release` is harmless when the lock was never taken."""
+
+    writes = True
 
     def __init__(self, conn: Connection, target: Target) -> None:
         self.conn = conn
@@ -93,6 +96,8 @@ def runner_lock(conn: Connection, target: Target, connect: Callable[[], Connecti
 
 class FileLock(RunnerLock):
     """SQLite: an exclusive flock on the lock file; SQLite's own write lock orders the writes."""
+
+    writes = False  # the lock file is beside the database, not in it
 
     def __init__(self, conn: Connection, target: Target) -> None:
         super().__init__(conn, target)
@@ -177,10 +182,12 @@ class Lease(RunnerLock):
             return
         conn = self.conn
         try:
+            if not exists and self.target.dialect == "mysql":  # DDL commits there at once: outside any transaction
+                self._table(conn).execute(CreateTable(lease, if_not_exists=True))
             with transaction(conn, self.target.sql.begin_write):
                 if self.target.dialect == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._key()})
-                if not exists:
+                if not exists and self.target.dialect != "mysql":
                     self._table(conn).execute(CreateTable(lease, if_not_exists=True))
                 if self._table(conn).execute(sa.select(lease.c.name).where(lease.c.name == ROW)).first() is None:
                     self._table(conn).execute(lease.insert().values(name=ROW, renewals=0))

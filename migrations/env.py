@@ -99,6 +99,12 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _read_only() -> bool:
+    """`alembic current`, `check`, `history`: Alembic itself writes nothing (not even its version table)."""
+    proxy = getattr(context, "_proxy", None)
+    return proxy is not None and bool(proxy.context_opts.get("dont_mutate"))
+
+
 def _changes_the_database() -> bool:
     """Only a command with a destination revision (upgrade, downgrade, stamp) changes the database and takes
     the lock. `alembic current`, `check` and an inspection run through ``EnvironmentContext(fn=...)`` (how
@@ -107,22 +113,26 @@ def _changes_the_database() -> bool:
     proxy = getattr(context, "_proxy", None)
     if proxy is None:
         return True
-    return not proxy.context_opts.get("dont_mutate") and proxy.context_opts.get("destination_rev") is not None
+    return not _read_only() and proxy.context_opts.get("destination_rev") is not None
 
 
 def _migrate(conn: Connection, settings: Settings, stack: ExitStack) -> None:
     in_callers_transaction = conn.in_transaction()  # before the inspection's reads begin one
+    if in_callers_transaction:  # the tool's own transactions (the inspection's reads too) become savepoints
+        conn.execution_options(**{SAVEPOINTS: True})
+        stack.callback(conn.execution_options, **{SAVEPOINTS: False})
     target = inspect_target(conn, settings.schema)  # before anything is written: a non-MLflow database gets nothing
     if conn.in_transaction() and not in_callers_transaction:
         conn.rollback()  # the inspection's reads; Alembic begins its own transaction
-    changes = _changes_the_database()
-    if changes:
+    if _changes_the_database():
         config.attributes[KEY] = _shared(conn, target, settings, in_callers_transaction, stack)
         stack.callback(config.attributes.pop, KEY, None)
     context.configure(connection=conn, version_table=VERSION_TABLE, version_table_schema=target.schema)
     with context.begin_transaction():
         context.run_migrations()
-        at_base = changes and not context.get_context().get_current_heads()
+        # Alembic creates its version table whenever it may write (an inspection through
+        # EnvironmentContext(fn=...) too): at base, nothing of the project may be left.
+        at_base = not _read_only() and not context.get_context().get_current_heads()
     if at_base:
         _drop_version_table(conn, target, in_callers_transaction)
 

@@ -181,6 +181,7 @@ def test_the_statement_timeout_bounds_writes_too(db: Db) -> None:
     """--statement-timeout ends a write that runs too long on every server: PostgreSQL's statement_timeout,
     MariaDB's max_statement_time, and on Oracle MySQL (whose max_execution_time limits SELECT only) a
     KILL QUERY from the watchdog. The write is an INSERT ... SELECT that sleeps 4 s, limited to 1 s."""
+    from backfill.connect import BEGIN, transaction
     from backfill.retry import Timeouts, is_transient, limits
 
     timeouts = Timeouts(statement=1)
@@ -192,12 +193,9 @@ def test_the_statement_timeout_bounds_writes_too(db: Db) -> None:
         else f"INSERT INTO experiment_tags ({k}, value, experiment_id) SELECT 'slow', 'x', 0 FROM (SELECT SLEEP(4)) z"
     )
     with limits(timeouts), engine.connect() as conn:
-        with pytest.raises(sa.exc.DBAPIError) as err:
-            conn.exec_driver_sql("BEGIN" if db.dialect == "postgresql" else "START TRANSACTION")
-            conn.exec_driver_sql(slow)
-            conn.exec_driver_sql("COMMIT")
+        with pytest.raises(sa.exc.DBAPIError) as err, transaction(conn, BEGIN[db.dialect]):
+            conn.exec_driver_sql(slow)  # PostgreSQL: the limits are set by the transaction's BEGIN
         assert is_transient(err.value)  # a timeout: the batch is retried smaller
-        conn.exec_driver_sql("ROLLBACK")
     assert "slow" not in {k for _, k, _ in db.tags()}
     engine.dispose()
 

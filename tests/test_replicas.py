@@ -162,28 +162,36 @@ def test_the_run_holds_while_the_replica_does_not_replay(pair: Pair, replicated:
 
 
 def test_a_replica_that_is_down_stops_the_run_resumably(pair: Pair, replicated: tuple[Db, str]) -> None:
+    """Down before the run: refused at once (exit 3), nothing written. Down once the run is under way: it
+    holds the run like a lagging one, and past --replica-timeout the run stops (exit 7) and a later run
+    resumes exactly."""
     from tests import backends
 
     db, replica_url = replicated
-    pair.replica.get_wrapped_container().stop(timeout=30)
+    args = ("--replica-url", replica_url, "--replica-timeout", "5", "--connect-timeout", "2")
+    container = pair.replica.get_wrapped_container()
+    container.stop(timeout=30)
     try:
-        result = run_cli(
-            "run",
-            "--database-url",
-            db.url,
-            "--replica-url",
-            replica_url,
-            "--replica-timeout",
-            "5",
-            "--batch-size",
-            "10",
-            "-q",
-        )
+        before = run_cli("run", "--database-url", db.url, *args, "-q")
     finally:
-        pair.replica.get_wrapped_container().start()
-    assert result.returncode == ExitCode.STOPPED, result.stderr
-    assert result.stderr.count("\n") == 1 and "did not catch up" in result.stderr and "unreachable" in result.stderr
-    assert "`run` again to resume" in result.stderr
+        container.start()
+    assert before.returncode == ExitCode.CONNECT, before.stderr
+    assert "nothing was written" in before.stderr and LEDGER_TABLE not in db.table_names()
+    _wait_until_up(replica_url)
+    backends.wait_for_replica(pair.primary, pair.replica, timeout=120)
+
+    proc = _start_run(db.url, *args, "--batch-size", "10", "--fixed", "--sleep", "0.3", "-q")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (LEDGER_TABLE not in db.table_names() or not db.table(LEDGER_TABLE)):
+            time.sleep(0.1)
+        container.stop(timeout=30)  # under way: the next batches' positions never reach it
+        _, err = proc.communicate(timeout=180)
+    finally:
+        container.start()
+    assert proc.returncode == ExitCode.STOPPED, err
+    assert err.count("\n") == 1 and "did not catch up" in err and "unreachable" in err, err
+    assert "`run` again" in err
     _wait_until_up(replica_url)
     backends.wait_for_replica(pair.primary, pair.replica, timeout=120)
     again = run_cli("run", "--database-url", db.url, "--replica-url", replica_url, "--json", "-q")
@@ -381,10 +389,14 @@ def test_a_replica_url_that_is_not_a_replica_is_refused_before_anything_is_writt
     before = snapshot(db.url)
     other = sa.make_url(replica_url).set(drivername="mysql+pymysql" if pair.dialect == "postgresql" else "postgresql")
     for bad in (db.url, other.render_as_string(hide_password=False)):
-        result = run_cli(*command, "--database-url", db.url, "--replica-url", bad, "--connect-timeout", "2")
+        # A server of the other family may never answer the driver's greeting: short limits, no retries.
+        limits = ("--connect-timeout", "2", "--statement-timeout", "2", "--retries", "0")
+        result = run_cli(*command, "--database-url", db.url, "--replica-url", bad, *limits)
         assert result.returncode in (ExitCode.USAGE, ExitCode.CONNECT), result.stderr
         assert "nothing was written" in result.stderr and result.stderr.count("\n") == 1, result.stderr
-        up = alembic(db.url, "-x", f"replica-url={bad}", "upgrade", "head")
+        up = alembic(
+            db.url, "-x", f"replica-url={bad}", *("-x", "connect-timeout=2", "-x", "retries=0"), "upgrade", "head"
+        )
         assert up.returncode in (ExitCode.USAGE, ExitCode.CONNECT), up.stderr
         assert snapshot(db.url) == before
 
