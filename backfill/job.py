@@ -20,13 +20,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from backfill import record, sql
-from backfill.connect import close, connect, create_engine, failure, read_whole_table, reading, recover, transaction
+from backfill import record
+from backfill.connect import close, connect, create_engine, failure, read_whole_table, reading, recover
 from backfill.errors import BackfillError, ExitCode
 from backfill.lock import RunnerLock, runner_lock
 from backfill.replicas import Replicas
 from backfill.retry import limits, with_retries
-from backfill.schema import Target, inspect_target, ledger, metadata
+from backfill.schema import Target, ensure_project_tables, inspect_target, ledger, probe_privileges
 from backfill.urls import parse_url
 from backfill.walk import Progress, Report, RevertReport, RevertWalk, Settings, Walk, binds, stopped
 
@@ -106,11 +106,7 @@ class Backfill:
         with self.session() as (conn, target), self._replicas(target, urls) as replicas:
             assert replicas is not None
             self._retried(conn, lambda: replicas.note(conn))
-            deadline = time.monotonic() + settle
-            lags = replicas.measure()
-            while any(lag.pending or lag.reason for lag in lags) and time.monotonic() < deadline:
-                time.sleep(0.1)
-                lags = replicas.measure()
+            lags = replicas.settle(settle)
         report = []
         for url, lag in zip(urls, lags, strict=True):
             replica = Backfill(create_engine(parse_url(url), self.settings.timeouts, read_only=True), self.settings)
@@ -171,7 +167,7 @@ class Backfill:
         again: str,
     ) -> Report:
         with _before_writing(should_stop, f"nothing was written: {again} again to start"):
-            target = self._retried(conn, lambda: self._ensure_tables(lock, target))
+            target = self._retried(conn, lambda: ensure_project_tables(lock.conn, target, lock.write))
         with self._replicas(target) as replicas:
             return Walk(conn, target, lock, self.settings, should_stop, again, replicas, progress).run()
 
@@ -201,41 +197,13 @@ class Backfill:
         nothing = "nothing was removed" if revert else "nothing was written"
         with _before_writing(should_stop, f"{nothing}: {again} again to start"):
             self.check_replicas(conn, target)
-            self._retried(conn, lambda: self._probe(conn, target, revert), setting_up=True)
+            self._retried(conn, lambda: probe_privileges(conn, target, revert), setting_up=True)
 
     def check_replicas(self, conn: Connection, target: Target) -> None:
         """Every replica URL answers and is a replica of this primary (else exit 2 or 3, nothing written)."""
         with self._replicas(target) as replicas:
             if replicas:
                 replicas.check(conn)
-
-    @staticmethod
-    def _probe(conn: Connection, target: Target, revert: bool) -> None:
-        with transaction(conn, target.sql.begin_write, keep=False):
-            for statement in target.sql.probes(revert, target.existing):
-                conn.execute(sa.text(statement))
-            if target.has_runs and target.sql.sequence_check:
-                if conn.execute(sa.text(target.sql.sequence_check)).scalar() is False:
-                    raise BackfillError(
-                        f"permission denied on the sequence of {target.prefix}{sql.RUNS_TABLE}.id: `run` and "
-                        "`revert` record each run there (GRANT USAGE ON SEQUENCE "
-                        f"{target.prefix}{sql.RUNS_TABLE}_id_seq TO <user>; docs/privileges.md)",
-                        ExitCode.PERMISSION,
-                    )
-
-    @staticmethod
-    def _ensure_tables(lock: RunnerLock, target: Target) -> Target:
-        if target.has_runs and target.has_ledger:
-            return target
-        tables = target.tables(lock.conn)
-        if target.dialect == "mysql":  # DDL commits there at once: no transaction (nor savepoint) can hold it
-            with lock.write():  # the lease is still this runner's
-                pass
-            metadata.create_all(tables, checkfirst=True)
-        else:
-            with lock.write():
-                metadata.create_all(tables, checkfirst=True)
-        return dataclasses.replace(target, has_runs=True, has_ledger=True, has_lease=True)
 
     @contextmanager
     def _replicas(self, target: Target, urls: list[str] | None = None) -> Iterator[Replicas | None]:

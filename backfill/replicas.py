@@ -182,6 +182,15 @@ class Replicas:
         for replica in self.replicas:
             replica.pending.append((str(position), now))
 
+    def settle(self, seconds: float) -> list[Lag]:
+        """Each replica's lag, once every one has replayed what was noted or ``seconds`` have passed (status)."""
+        deadline = time.monotonic() + seconds
+        lags = self.measure()
+        while any(lag.pending or lag.reason for lag in lags) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            lags = self.measure()
+        return lags
+
     def measure(self) -> list[Lag]:
         """Each replica's lag now (a replica that cannot be measured reports why)."""
         return [self._measure(r) for r in self.replicas]

@@ -16,6 +16,9 @@ the URL's ``?options=-csearch_path%3D...``, applied in every transaction).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -23,7 +26,7 @@ from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table
 from sqlalchemy.engine import Connection
 
 from backfill import sql
-from backfill.connect import reading
+from backfill.connect import reading, transaction
 from backfill.errors import BackfillError, ExitCode
 from backfill.urls import display
 
@@ -243,3 +246,37 @@ def _check_shape(inspector: sa.Inspector, schema: str | None, where: str) -> Non
             "this tool that knows this MLflow release",
             ExitCode.NOT_MLFLOW,
         )
+
+
+def probe_privileges(conn: Connection, target: Target, revert: bool) -> None:
+    """Fail before anything is written when the user may not write what `run` (or `revert`) writes: statements
+    of the real ones' shape that match no row, on MLflow's tables and the project's that exist, rolled back
+    (and, on PostgreSQL, whether the user may draw run ids, which a statement matching no row cannot tell)."""
+    with transaction(conn, target.sql.begin_write, keep=False):
+        for statement in target.sql.probes(revert, target.existing):
+            conn.execute(sa.text(statement))
+        if target.has_runs and target.sql.sequence_check:
+            if conn.execute(sa.text(target.sql.sequence_check)).scalar() is False:
+                raise BackfillError(
+                    f"permission denied on the sequence of {target.prefix}{sql.RUNS_TABLE}.id: `run` and "
+                    "`revert` record each run there (GRANT USAGE ON SEQUENCE "
+                    f"{target.prefix}{sql.RUNS_TABLE}_id_seq TO <user>; docs/privileges.md)",
+                    ExitCode.PERMISSION,
+                )
+
+
+def ensure_project_tables(
+    conn: Connection, target: Target, write: Callable[[], AbstractContextManager[None]]
+) -> Target:
+    """The project's tables, created if missing, in a ``write`` of the lock's (which proves the lock is
+    still this runner's); on the MySQL family, whose DDL commits at once, right after such a proof."""
+    if target.has_runs and target.has_ledger:
+        return target
+    if target.dialect == "mysql":  # no transaction (nor savepoint) can hold DDL there
+        with write():
+            pass
+        metadata.create_all(target.tables(conn), checkfirst=True)
+    else:
+        with write():
+            metadata.create_all(target.tables(conn), checkfirst=True)
+    return dataclasses.replace(target, has_runs=True, has_ledger=True, has_lease=True)

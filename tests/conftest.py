@@ -35,7 +35,7 @@ import shutil
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -651,3 +651,19 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     return subprocess.run(
         [sys.executable, "-m", "backfill", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300
     )
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 120) -> None:
+    """Until ``condition()`` is true (a database error counts as not yet: its tables may be being created);
+    fails the test after ``seconds``, which only catch a hang."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except sa.exc.SQLAlchemyError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")

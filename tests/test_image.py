@@ -11,6 +11,7 @@ import json
 import secrets
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -41,15 +42,24 @@ def image() -> str:
 
 
 def docker_run(
-    image: str, *args: str, env: dict[str, str] | None = None, entrypoint: str | None = None
+    image: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    entrypoint: str | None = None,
+    user: str | None = None,
+    mounts: dict[Path, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``docker run --rm --read-only --network host [-e K=V ...] IMAGE ARGS`` to the end; the container is removed
-    in any case. ``--read-only``: the tool writes nothing to its own file system (Kubernetes'
-    readOnlyRootFilesystem in deploy/ relies on it)."""
+    """``docker run --rm --read-only --network host [--user U] [-e K=V ...] [-v HOST:PATH:ro ...] IMAGE ARGS`` to
+    the end; the container is removed in any case. ``--read-only``: the tool writes nothing to its own file
+    system (Kubernetes' readOnlyRootFilesystem in deploy/ relies on it)."""
     name = f"mgb-pkg-image-{secrets.token_hex(6)}"
     command = ["docker", "run", "--rm", "--read-only", "--name", name, "--network", "host"]
+    if user:
+        command += ["--user", user]
     for key, value in (env or {}).items():
         command += ["-e", f"{key}={value}"]
+    for host, inside in (mounts or {}).items():
+        command += ["-v", f"{host}:{inside}:ro"]
     if entrypoint:
         command += ["--entrypoint", entrypoint]
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from backfill import __version__
 from backfill.errors import ExitCode
 from tests.conftest import Db
 from tests.logins import Login, create_login
-from tests.test_image import build_image, gateway_data, tagged
+from tests.test_image import build_image, docker_run, gateway_data, tagged
 
 pytestmark = pytest.mark.image
 LOCAL_IMAGE = f"{os.environ.get('MGB_IMAGE_NAME') or 'mlflow-gateway-backfill'}:{__version__}"
@@ -32,30 +31,7 @@ def image() -> str:
     return LOCAL_IMAGE
 
 
-def docker(
-    image: str,
-    *args: str,
-    env: dict[str, str] | None = None,
-    user: str | None = None,
-    mounts: dict[Path, str] | None = None,
-    entrypoint: str | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """``docker run --rm --read-only --network host``, as a pod runs it (readOnlyRootFilesystem), with the
-    given user, variables and read-only bind mounts (host path -> container path); removed in any case."""
-    name = f"mgb-i18-{secrets.token_hex(6)}"
-    command = ["docker", "run", "--rm", "--read-only", "--name", name, "--network", "host"]
-    if user:
-        command += ["--user", user]
-    for key, value in (env or {}).items():
-        command += ["-e", f"{key}={value}"]
-    for host, inside in (mounts or {}).items():
-        command += ["-v", f"{host}:{inside}:ro"]
-    if entrypoint:
-        command += ["--entrypoint", entrypoint]
-    try:
-        return subprocess.run([*command, image, *args], capture_output=True, text=True, timeout=300)
-    finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+docker = docker_run  # tests/test_image.py's: --read-only, as a pod runs it, with a user and mounts
 
 
 def container_url(login: Login, password: str | None = None) -> str:

@@ -26,7 +26,7 @@ from backfill.lock import LOCK_SUFFIX
 from backfill.sql import IS_GATEWAY_KEY as ISGW
 from backfill.sql import LEDGER_TABLE, RUNS_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
-from tests.conftest import REPO, Db, run_cli
+from tests.conftest import REPO, Db, run_cli, wait_for
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "mlflow-gateway-backfill"
 
@@ -53,18 +53,6 @@ def cli(*args: str, **popen: object) -> subprocess.Popen[str]:
     """``python -m backfill ARGS`` (stdin is no terminal: `revert` asks nothing)."""
     command = [sys.executable, "-m", "backfill", *args]
     return subprocess.Popen(command, cwd=REPO, text=True, stdin=subprocess.DEVNULL, **popen)  # type: ignore[call-overload]
-
-
-def wait_for(condition, seconds: float = 120) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except sa.exc.SQLAlchemyError:
-            pass  # the tables are being created
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
 
 
 # ---------------------------------------------------------------- 7. a reader that goes away

@@ -23,7 +23,7 @@ from backfill.sql import LEDGER_TABLE, LOCK_TABLE, RUNS_TABLE, VERSION_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
 from backfill.urls import parse_url
 from backfill.walk import Settings
-from tests.conftest import REPO, Db, alembic, run_cli, snapshot, start_cli
+from tests.conftest import REPO, Db, alembic, run_cli, snapshot, start_cli, wait_for
 
 
 def job(url: str, **settings: object) -> Backfill:
@@ -380,7 +380,7 @@ def test_a_runner_killed_in_another_container_stops_blocking_at_once(db: Db) -> 
         start_new_session=True,
     )
     try:
-        _wait_for(lambda: len(tagged(db)) >= 1)
+        wait_for(lambda: len(tagged(db)) >= 1)
         blocked = run_cli("run", "--database-url", db.url, "-q")  # mid-sleep: the runner is alive
         assert blocked.returncode == ExitCode.LOCKED, blocked.stderr
     finally:
@@ -389,20 +389,6 @@ def test_a_runner_killed_in_another_container_stops_blocking_at_once(db: Db) -> 
     result = run_cli("run", "--database-url", db.url, "-q", "--json")
     assert result.returncode == 0, result.stderr
     assert tagged(db) == set(range(100, 130))
-
-
-def _wait_for(condition, seconds: float = 60) -> None:  # type: ignore[no-untyped-def]
-    import time
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except sa.exc.SQLAlchemyError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 # ---------------------------------------------------------------- the schema the tool relies on (issue 11)
