@@ -12,7 +12,7 @@ from backfill.sql import LEDGER_TABLE, LOCK_TABLE, RUNS_TABLE, VERSION_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
 from tests.conftest import REPO, Db, alembic, snapshot
 
-OURS = (LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE)
+OURS = (LEDGER_TABLE, RUNS_TABLE, LOCK_TABLE, VERSION_TABLE)
 
 
 def gateway_rows(db: Db) -> None:
