@@ -34,7 +34,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from backfill.sql import IS_GATEWAY_KEY, LEDGER_TABLE, RUNS_TABLE, TRUE
+from backfill.sql import IS_GATEWAY_KEY, LEDGER_TABLE, LOCK_TABLE, RUNS_TABLE, TRUE
 from bench import measure, seed
 
 BACKENDS = ("sqlite", "postgresql", "postgresql-18", "mysql", "mariadb", "mariadb-11")
@@ -149,7 +149,7 @@ class Server:
             conn.execute(sa.text("DELETE FROM experiment_tags WHERE `key` = :isgw AND experiment_id <= :lo"), binds)
             conn.execute(sa.text("DELETE FROM experiment_tags WHERE experiment_id > :n"), binds)
             conn.execute(sa.text("DELETE FROM experiments WHERE experiment_id > :n"), binds)
-            conn.execute(sa.text(f"DROP TABLE IF EXISTS {LEDGER_TABLE}, {RUNS_TABLE}"))
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {LEDGER_TABLE}, {RUNS_TABLE}, {LOCK_TABLE}"))
         self._wait_for_purge()
         seed.analyze(engine)
 

@@ -239,19 +239,7 @@ def smoke_replication(backend_id: str) -> dict[str, object]:
 
 def pg_login(url: sa.URL, **options: object) -> tuple[int, str]:
     """Log in with psycopg (no prepared statements) and return (server pid, current_user)."""
-    import psycopg
-
-    with psycopg.connect(
-        host=url.host,
-        port=url.port,
-        user=url.username,
-        password=url.password,
-        dbname=url.database,
-        connect_timeout=5,
-        autocommit=True,
-        prepare_threshold=None,
-        **options,
-    ) as connection:
+    with backends.psycopg_connect(url, connect_timeout=5, **options) as connection:
         row = connection.execute("SELECT pg_backend_pid(), current_user").fetchone()
         assert row is not None
         return int(row[0]), str(row[1])

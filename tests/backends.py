@@ -42,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 # testcontainers reads these when it is imported: set them before the imports below.
 # Ryuk (the reaper) is an image of its own that cannot be pulled here; without it,
@@ -60,6 +60,9 @@ from testcontainers.community.mysql import MySqlContainer
 from testcontainers.community.postgres import PostgresContainer
 from testcontainers.core.container import DockerContainer
 from testcontainers.core.network import Network
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 @dataclass(frozen=True)
@@ -760,6 +763,23 @@ def start_pgbouncer(
     return PgBouncer(container, pool_mode, POOL_SIZES[pool_mode], host, port, version)
 
 
+def psycopg_connect(url: sqlalchemy.URL, **options: object) -> psycopg.Connection:
+    """A plain psycopg connection to ``url`` that any pool mode takes: autocommit (one statement, no
+    transaction: statement pooling too) and no server-side prepared statements."""
+    import psycopg
+
+    return psycopg.connect(
+        host=url.host,
+        port=url.port,
+        user=url.username,
+        password=url.password,
+        dbname=url.database,
+        autocommit=True,
+        prepare_threshold=None,
+        **options,  # type: ignore[arg-type]
+    )
+
+
 def _wait_for_login(container: DockerContainer, url: sqlalchemy.URL, timeout: float = 60) -> None:
     """Wait until ``url`` (through the pooler) logs in and answers; raise with the pooler's log if it never does."""
     import psycopg
@@ -767,16 +787,7 @@ def _wait_for_login(container: DockerContainer, url: sqlalchemy.URL, timeout: fl
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with psycopg.connect(
-                host=url.host,
-                port=url.port,
-                user=url.username,
-                password=url.password,
-                dbname=url.database,
-                connect_timeout=2,
-                autocommit=True,  # one statement, no transaction: statement pooling takes it too
-                prepare_threshold=None,
-            ) as connection:
+            with psycopg_connect(url, connect_timeout=2) as connection:
                 connection.execute("SELECT 1")
                 return
         except psycopg.Error as exc:

@@ -233,10 +233,7 @@ def test_a_second_ctrl_c_ends_a_wait_for_sqlites_lock_at_once(db: Db) -> None:
         )
         wait_for(lambda: _runner_lock_taken(db))
         time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=25)  # a hang: the lock timeout is 30 s
+        err = _ctrl_c_twice(proc, 0.3)
     finally:
         holder.rollback()
         holder.close()
@@ -245,6 +242,15 @@ def test_a_second_ctrl_c_ends_a_wait_for_sqlites_lock_at_once(db: Db) -> None:
     assert last.startswith("Error: stopped by SIGINT, at once") and "`run` again" in last, err
     assert "database is locked" not in err
     assert tagged(db) == set()
+
+
+def _ctrl_c_twice(proc: subprocess.Popen[str], pause: float) -> str:
+    """Two SIGINTs ``pause`` seconds apart, as a user presses Ctrl-C twice; returns the command's stderr."""
+    proc.send_signal(signal.SIGINT)
+    time.sleep(pause)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=25)  # a hang: every test here gives a lock timeout of 30 s
+    return err
 
 
 @pytest.mark.backends("sqlite")
@@ -260,10 +266,7 @@ def test_a_second_ctrl_c_ends_the_wait_to_record_the_stop(db: Db) -> None:
     wait_for(lambda: len(ledger(db)) >= 2)
     holder = _hold_write_lock(db)
     try:
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=25)  # a hang: the lock timeout is 30 s
+        err = _ctrl_c_twice(proc, 0.5)
     finally:
         holder.rollback()
         holder.close()
