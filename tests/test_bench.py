@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from bench import __main__ as bench_main
-from bench import report, suite
+from bench import compare, report, suite
 from bench.load import LoadSpec
 from bench.servers import Server as BenchServer
 from bench.spread import GAVE_UP, MET, MIXED, NOT_MET, fmt, spread, verdict
@@ -76,6 +76,23 @@ def test_pairs_start_from_the_seeded_state_in_alternating_order(bench_server: Be
     shape = report.judge(result)
     assert set(shape["goals"].values()) <= {MET, NOT_MET, MIXED}
     assert fmt(figure) in report.table({"b": {"experiments": 2000, "shapes": {"3.10.0": shape}}})
+
+
+@pytest.mark.backends("sqlite", "postgresql", "mariadb")
+def test_compare_runs_both_packages_from_the_seeded_state_in_alternating_order(
+    bench_server: BenchServer, tmp_path: Path
+) -> None:
+    """`python -m bench.compare REF`: REF's package exported alone, both sides inserting every missing row
+    on their own fresh database, pair after pair, and one ratio per pair."""
+    commit, base = compare.export("HEAD", tmp_path)
+    assert len(commit) == 40 and (base / "backfill" / "cli.py").is_file() and not (base / "tests").exists()
+    result = compare.compare(bench_server.backend, bench_server, base, 2000, "3.10.0", 3)
+    assert [list(p) for p in result["pairs"]] == [["head", "base"], ["base", "head"], ["head", "base"]]
+    assert result["inserted"] == 200
+    assert all(side["inserted"] == 200 for pair in result["pairs"] for side in pair.values())
+    for key in ("walk", "process"):
+        assert result[key]["n"] == 3
+        assert result[key]["values"] == [round(p["head"][key] / p["base"][key], 3) for p in result["pairs"]]
 
 
 # A trigger that lets the tool's first batches through and fails the ones past experiment 30,000 (only

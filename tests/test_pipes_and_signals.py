@@ -135,7 +135,15 @@ def test_ctrl_c_on_a_pipeline_into_tee_stops_resumably(db: Db, tmp_path: Path) -
         process_group=0,  # the pipeline's own process group, as a shell makes it
     )
     with log.open("w") as sink:
-        tee = subprocess.Popen(["tee", str(log)], stdin=read, stdout=sink, process_group=run.pid)
+        # SIGINT at its default, as in a terminal's pipeline: a shell's background job (CI under `nohup … &`)
+        # starts with SIGINT ignored, and every child inherits that.
+        tee = subprocess.Popen(
+            ["tee", str(log)],
+            stdin=read,
+            stdout=sink,
+            process_group=run.pid,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     os.close(read)
     os.close(write)
     wait_for(lambda: len(ledger(db)) >= 3)
