@@ -109,11 +109,11 @@ image: | $(UV_DEP)  ## mlflow-gateway-backfill:<version> and :latest, built offl
 screenshots: $(BIN)/.test | $(UV_DEP)  ## docs/experiments-{before,after}.png: a real mlflow server's UI, Chromium
 	UV=$(UV) scripts/screenshots.sh
 
-bench: $(BIN)/.test  ## 1M experiments, two shapes of data, every backend, 3 pairs (see docs/benchmark.md; about 24 min here)
+bench: $(BIN)/.test  ## 1M experiments, two shapes of data, every backend, 3 pairs (see docs/benchmark.md; about 14 min here)
 	scripts/provision-tests.sh
 	$(BIN)/python -m bench
 
-bench-light: $(BIN)/.test  ## the same pairs, only the figures the goals are judged on (about 18 min here)
+bench-light: $(BIN)/.test  ## the same pairs, only the figures the goals are judged on (about 10 min here)
 	scripts/provision-tests.sh
 	$(BIN)/python -m bench --light
 

@@ -44,8 +44,8 @@ def parser() -> argparse.ArgumentParser:
             "seconds; a fixed-batch-size sweep; MLflow's client loop on a sample, extrapolated (c). Prints a "
             "table, writes JSON and two PNG plots."
         ),
-        epilog="`make bench` runs the defaults (about 24 min on 2 cores), `make bench-light` runs --light (about "
-        "18 min; fewer --backends take less), `make bench-quick` runs --quick (about 2 min). Timings are noisy: "
+        epilog="`make bench` runs the defaults (about 14 min on 2 cores), `make bench-light` runs --light (about "
+        "10 min; fewer --backends take less), `make bench-quick` runs --quick (about 2 min). Timings are noisy: "
         "compare the ratios, measured side by side, as their median and range over the pairs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

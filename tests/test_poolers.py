@@ -188,6 +188,29 @@ def test_a_lock_wait_ends_at_the_lock_timeout_and_leaves_no_waiter(db: Db) -> No
     assert left_waiting == []
 
 
+@pytest.mark.backends("postgresql", *POOLED)
+@pytest.mark.parametrize("command", ["status", "verify", "alembic"])
+def test_reads_and_alembic_end_at_the_lock_timeout_too(db: Db, command: str) -> None:
+    """Item 2 beyond `run`'s writes: the read-only transactions of `status` and `verify`, and Alembic's, carry
+    the limits too. With MLflow's tags table locked by another session, each ends after its lock timeout
+    (exit 7, the lock timeout named) and leaves no session of it waiting on the server."""
+    gateway(db, range(100, 110))
+    limits = {"lock-timeout": "0.5", "statement-timeout": "5"}
+    blocker = sa.create_engine(db.direct_url)
+    with blocker.connect() as holding:
+        holding.execute(sa.text("LOCK TABLE experiment_tags IN ACCESS EXCLUSIVE MODE"))
+        if command == "alembic":
+            result = alembic(db.url, *(f"-x{k}={v}" for k, v in limits.items()), "upgrade", "head")
+        else:
+            result = cli(db.url, command, *(arg for k, v in limits.items() for arg in (f"--{k}", v)))
+        left_waiting = waiting_on_locks(db)
+        holding.rollback()
+    blocker.dispose()
+    assert result.returncode == ExitCode.STOPPED, result.stderr
+    assert "lock timeout" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert left_waiting == []
+
+
 # ---------------------------------------------------------------- items 3 and 7: the single-runner exclusion
 
 # Two runners at once, many times: each takes about 5 s (25 batches of 50 with 0.2 s between them; Alembic at
