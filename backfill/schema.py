@@ -1,6 +1,6 @@
 """The database the tool works on: which MLflow tables, their shape, and the project's own tables beside them.
 
-MLflow's tables are never altered. The project's two tables live in the same schema as the MLflow tables
+MLflow's tables are never altered. The project's three tables live in the same schema as the MLflow tables
 the tool works on (on PostgreSQL the schema ``experiment_tags`` resolves to through the session's
 ``search_path``, as MLflow itself resolves it; elsewhere the database itself):
 

@@ -23,10 +23,11 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from bench.measure import REPO as _REPO
 from bench.servers import BACKENDS, servers, stop
 from bench.spread import fmt, spread
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(_REPO)
 
 
 def export(ref: str, workdir: Path) -> tuple[str, Path]:

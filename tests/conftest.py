@@ -45,7 +45,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from backfill.schema import metadata
+from backfill.sql import VERSION_TABLE
 from tests.mlflow_data import mlflow_store
+
+# The project's own tables: those of its metadata, and its Alembic version table. Comparisons of MLflow's
+# tables skip exactly these, so a table the project adds is never taken for a change to MLflow's.
+OURS = (*sorted(metadata.tables), VERSION_TABLE)
 
 # PostgreSQL 15 through PgBouncer, by pool mode.
 POOLERS = {"postgresql-pgbouncer-transaction": "transaction", "postgresql-pgbouncer-session": "session"}

@@ -8,11 +8,9 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from backfill.sql import IS_GATEWAY_KEY as ISGW
-from backfill.sql import LEDGER_TABLE, LOCK_TABLE, RUNS_TABLE, VERSION_TABLE
+from backfill.sql import LEDGER_TABLE, LOCK_TABLE, VERSION_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
-from tests.conftest import REPO, Db, alembic, snapshot
-
-OURS = (LEDGER_TABLE, RUNS_TABLE, LOCK_TABLE, VERSION_TABLE)
+from tests.conftest import OURS, REPO, Db, alembic, snapshot
 
 
 def gateway_rows(db: Db) -> None:
@@ -167,7 +165,7 @@ def test_from_python_inside_the_callers_transaction(db: Db) -> None:
         tags = set(conn.execute(sa.text(f"SELECT experiment_id, {key}, value FROM experiment_tags")).all())
         assert {(1001, ISGW, "true"), (1002, ISGW, "true")} <= tags
         transaction.rollback()
-    kept = (LEDGER_TABLE, RUNS_TABLE, VERSION_TABLE, LOCK_TABLE) if db.dialect == "mysql" else ()
+    kept = OURS if db.dialect == "mysql" else ()
     assert snapshot(db.url, skip=kept) == before
     # The lease's row too was committed by the DDL after it: the next runner takes it over once unrenewed.
     assert all(db.table(name) == [] for name in kept if name != LOCK_TABLE)

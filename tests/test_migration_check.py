@@ -46,9 +46,9 @@ from alembic.script import ScriptDirectory
 
 from backfill.connect import create_engine
 from backfill.errors import describe
-from backfill.sql import LEDGER_TABLE, LOCK_TABLE, RUNS_TABLE, VERSION_TABLE
+from backfill.sql import VERSION_TABLE
 from backfill.urls import parse_url
-from tests.conftest import REPO, alembic, run_cli
+from tests.conftest import OURS, REPO, alembic, run_cli
 from tests.mlflow_server import UI_QUERY, MlflowServer, mlflow_url
 from tests.mlflow_versions import (
     UNTAGGING_RELEASE,
@@ -69,7 +69,6 @@ pytestmark = pytest.mark.migration_check
 # The rule, spelled out here rather than imported from the code under test.
 SRC, GATEWAY = "mlflow.experiment.sourceType", "GATEWAY"
 ISGW, TRUE = "mlflow.experiment.isGateway", "true"
-OURS = (LEDGER_TABLE, RUNS_TABLE, LOCK_TABLE, VERSION_TABLE)
 WRITER = Path(__file__).with_name("mlflow_writer.py")
 try:
     REQUESTED = requested_versions(os.environ.get(VERSIONS_VARIABLE))

@@ -15,12 +15,10 @@ import sqlalchemy as sa
 
 from backfill.errors import ExitCode
 from backfill.sql import IS_GATEWAY_KEY as ISGW
-from backfill.sql import LEDGER_TABLE, LOCK_TABLE, RUNS_TABLE, VERSION_TABLE
 from backfill.sql import SOURCE_TYPE_KEY as SRC
-from tests.conftest import Db, alembic, run_cli, snapshot
+from tests.conftest import OURS, Db, alembic, run_cli, snapshot
 
 COMMANDS = (["run"], ["status"], ["verify"], ["run", "--dry-run"], ["revert", "--yes"])
-OURS = (LEDGER_TABLE, RUNS_TABLE, LOCK_TABLE, VERSION_TABLE)
 
 
 def _rekey_tags(db: Db, columns: tuple[str, ...], primary_key: tuple[str, ...]) -> None:
